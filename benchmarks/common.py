@@ -1,0 +1,83 @@
+"""Shared measurement helpers: machine description and throughput timing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+from pipelines.console import Progress
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_throughput(
+    steps_by_name: dict[str, Callable[[], object]],
+    items_per_step: int,
+    warmup: int,
+    steps: int,
+    rounds: int,
+    device: torch.device,
+    label: str,
+) -> dict[str, float]:
+    """Median items/s of each named step function, timed in interleaved rounds.
+
+    Each round times ``steps`` calls of every function in turn, so drifts of a shared machine
+    (clock boost, neighbours) hit all of them alike; the median over rounds is reported.
+    """
+    progress = Progress(label, total=len(steps_by_name) * (warmup + rounds * steps), unit="step")
+    done = 0
+    for step in steps_by_name.values():
+        for _ in range(warmup):
+            step()
+            done += 1
+            progress.update(done)
+    samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for _ in range(rounds):
+        for name, step in steps_by_name.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+                done += 1
+                progress.update(done, extra=name)
+            synchronize(device)
+            samples[name].append(items_per_step * steps / (time.perf_counter() - start))
+    progress.finish(done)
+    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
+
+
+def median_milliseconds(call: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``call`` in milliseconds."""
+    call()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,1 @@
+"""Ray compositions around ``moco_core``: the ``moco`` command line, ingest and pretraining jobs."""
