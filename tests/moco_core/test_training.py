@@ -75,7 +75,23 @@ def test_compute_settings_for_cpu():
     assert ComputeSettings().prepare(torch.randn(2, 3, 4, 4)).is_contiguous()
 
 
-def test_importing_moco_core_does_not_import_ray_or_mlflow():
-    code = "import sys, moco_core; print(sorted(m for m in ('ray', 'mlflow', 'yaml') if m in sys.modules))"
+def _modules_loaded_by(statement: str, candidates: tuple[str, ...]) -> list[str]:
+    code = f"import sys; {statement}; print(sorted(m for m in {candidates!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    return eval(out.strip())
+
+
+def test_importing_moco_core_does_not_import_ray_or_mlflow():
+    everything = "import moco_core; [getattr(moco_core, name) for name in moco_core.__all__]"
+    assert _modules_loaded_by(everything, ("ray", "mlflow", "yaml")) == []
+
+
+def test_every_exported_name_resolves():
+    import moco_core
+
+    assert sorted(moco_core.__all__) == sorted(moco_core._EXPORTS)
+    assert all(getattr(moco_core, name) is not None for name in moco_core.__all__)
+
+
+def test_data_readers_load_the_core_without_torch():
+    assert _modules_loaded_by("import moco_core.augment, moco_core.image_io", ("torch", "ray")) == []
