@@ -1,0 +1,85 @@
+"""``moco bench ...``: benchmarks that print JSON with a ``ratio`` against a baseline."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.cli_common import UserError, positive_int
+
+
+def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    bench = commands.add_parser("bench", help="benchmarks that print JSON with a 'ratio' against a baseline")
+    benches = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    _add_step(benches, common)
+
+    def missing(args: argparse.Namespace) -> dict:
+        bench.print_help()
+        raise UserError("choose a benchmark, e.g. 'moco bench step'")
+
+    bench.set_defaults(handler=missing)
+
+
+def _add_step(benches: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = benches.add_parser(
+        "step",
+        parents=[common],
+        help="MoCo vs supervised training-step throughput and EMA update time",
+        description="Measure supervised and MoCo training steps on the same backbone, batch and threads "
+        "(ideal MoCo/supervised ratio ~0.75 by FLOPs) and the momentum-update time.",
+    )
+    parser.add_argument("--arch", default="resnet18", help="torchvision backbone (default: resnet18)")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="input resolution in px (default: 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step (default: 256)")
+    parser.add_argument(
+        "--queue-sizes",
+        type=positive_int,
+        nargs="+",
+        default=[4096, 65536],
+        help="MoCo queue sizes K to time; the first gives the ratio (default: 4096 65536)",
+    )
+    parser.add_argument(
+        "--batchnorm",
+        default="split",
+        choices=["split", "none", "shuffle"],
+        help="BatchNorm mode of the MoCo step (default: split, the single-process mode)",
+    )
+    parser.add_argument("--bn-splits", type=positive_int, default=8, help="sub-batches for split BN (default: 8)")
+    parser.add_argument("--small-image-stem", action="store_true", help="use the 3x3 stride-1 CIFAR stem")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default: 2)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=3, help="timed steps per configuration and round (default: 3)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="interleaved timing rounds; the median is reported (default: 3)"
+    )
+    parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 (no autocast, NCHW) comparison")
+    parser.add_argument(
+        "--ema-archs",
+        nargs="*",
+        default=["resnet18", "resnet50"],
+        help="backbones for the EMA timing (default: resnet18 resnet50)",
+    )
+    parser.set_defaults(handler=_run_step)
+
+
+def _run_step(args: argparse.Namespace) -> dict:
+    from benchmarks.bench_step import run_step_benchmark
+
+    return run_step_benchmark(
+        arch=args.arch,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        queue_sizes=args.queue_sizes,
+        batchnorm=args.batchnorm,
+        bn_splits=args.bn_splits,
+        small_image_stem=args.small_image_stem,
+        threads=args.threads,
+        device=args.device,
+        warmup=args.warmup,
+        steps=args.steps,
+        rounds=args.rounds,
+        include_fp32=not args.no_fp32,
+        ema_archs=args.ema_archs,
+    )

@@ -1,0 +1,102 @@
+"""An ImageNet-like JPEG corpus built offline from real photos shipped inside Python packages.
+
+ImageNet training images average ~500x375 px and ~110 KB. We crop, resize, flip and re-encode
+the colour photos that scikit-learn, matplotlib and (if installed) scikit-image ship, so decode
+cost and file sizes look like ImageNet's. One class subfolder per source photo, so the folder
+also works with torchvision's ImageFolder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from pipelines.console import Progress
+
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field", "immunohistochemistry")
+
+
+def source_photos() -> dict[str, Image.Image]:
+    """The real colour photos available offline, by name (at least scikit-learn's two)."""
+    from sklearn.datasets import load_sample_image
+
+    photos = {name: Image.fromarray(load_sample_image(f"{name}.jpg")) for name in ("china", "flower")}
+    try:
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+            photos["grace_hopper"] = Image.open(handle).convert("RGB")
+    except Exception:  # noqa: BLE001 -- optional source
+        pass
+    try:
+        import skimage.data
+    except ImportError:
+        return photos
+    for name in SKIMAGE_PHOTOS:
+        try:
+            array = getattr(skimage.data, name)()
+        except Exception:  # noqa: BLE001 -- optional source; some need a download
+            continue
+        if array.ndim == 3 and array.shape[2] >= 3:
+            photos[name] = Image.fromarray(array[:, :, :3])
+    return photos
+
+
+def _random_view(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    width, height = photo.size
+    landscape = rng.random() < 0.8
+    aspect = 4 / 3 if landscape else 3 / 4
+    area = width * height * rng.uniform(0.3, 1.0)
+    crop_w = min(width, int(round((area * aspect) ** 0.5)))
+    crop_h = min(height, int(round(crop_w / aspect)))
+    left = int(rng.integers(0, width - crop_w + 1))
+    top = int(rng.integers(0, height - crop_h + 1))
+    size = (500, 375) if landscape else (375, 500)
+    view = photo.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    view = ImageEnhance.Brightness(view).enhance(rng.uniform(0.8, 1.2))
+    view = ImageEnhance.Color(view).enhance(rng.uniform(0.8, 1.2))
+    # Sensor-like grain: upscaled crops are smoother than camera photos and would encode too small.
+    grain = rng.normal(0.0, 4.0, size=(view.size[1], view.size[0], 1))
+    return Image.fromarray(np.clip(np.asarray(view, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+def build_corpus(output_dir: str | os.PathLike, num_images: int = 2000, seed: int = 0, quality: int = 96) -> dict:
+    """Write ``num_images`` JPEGs (~500x375) into ``output_dir/<photo>/NNNNNN.jpg`` unless present.
+
+    Returns:
+        ``{"path", "num_images", "mean_kb", "photos"}``.
+    """
+    output = Path(output_dir)
+    existing = sorted(output.glob("*/*.jpg"))
+    if len(existing) >= num_images:
+        sizes = [path.stat().st_size for path in existing[:num_images]]
+        return {
+            "path": str(output),
+            "num_images": len(existing),
+            "mean_kb": round(np.mean(sizes) / 1024, 1),
+            "photos": sorted({path.parent.name for path in existing}),
+        }
+    photos = source_photos()
+    names = sorted(photos)
+    rng = np.random.default_rng(seed)
+    progress = Progress("corpus", total=num_images, unit="img")
+    sizes = []
+    for index in range(num_images):
+        name = names[index % len(names)]
+        (output / name).mkdir(parents=True, exist_ok=True)
+        path = output / name / f"{index:06d}.jpg"
+        _random_view(photos[name], rng).save(path, "JPEG", quality=quality)
+        sizes.append(path.stat().st_size)
+        progress.update(index + 1)
+    progress.finish(num_images)
+    return {
+        "path": str(output),
+        "num_images": num_images,
+        "mean_kb": round(float(np.mean(sizes)) / 1024, 1),
+        "photos": names,
+    }

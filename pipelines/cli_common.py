@@ -1,0 +1,30 @@
+"""Pieces shared by every ``moco`` subcommand's argument parser."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad option, missing file); shown as one line, no traceback."""
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Parent parser giving every subcommand ``--json`` and ``--debug``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", help="print the results as one JSON object on the last stdout line"
+    )
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return common
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value

@@ -1,0 +1,43 @@
+"""Per-image view functions the Ray readers apply: two augmented views, or one evaluation view.
+
+Both have the signature the readers expect, ``(bytes, rng) -> (views, converted_from)``, and are
+plain picklable objects built on the driver and shipped to the reader tasks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moco_core.augment import AugmentConfig, CenterCropTransform, TwoViewTransform
+from moco_core.image_io import ImageLimits
+
+#: column names of the pretraining stream's views
+TWO_VIEW_COLUMNS = ("query", "key")
+#: column name of the evaluation stream's single view
+EVAL_VIEW_COLUMNS = ("image",)
+
+
+class TwoViewFunction:
+    """MoCo's query and key views of one image (see :class:`moco_core.augment.TwoViewTransform`)."""
+
+    columns = TWO_VIEW_COLUMNS
+
+    def __init__(self, config: AugmentConfig, limits: ImageLimits | None = None):
+        self.transform = TwoViewTransform(config, limits)
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[tuple[np.ndarray, ...], str | None]:
+        views = self.transform(data, rng)
+        return (views.query_view, views.key_view), views.converted_from
+
+
+class EvalViewFunction:
+    """One centre-cropped view per image, for kNN monitoring and linear probes; no randomness."""
+
+    columns = EVAL_VIEW_COLUMNS
+
+    def __init__(self, size: int, limits: ImageLimits | None = None):
+        self.transform = CenterCropTransform(size, limits=limits)
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[tuple[np.ndarray, ...], str | None]:
+        view, converted_from = self.transform(data)
+        return (view,), converted_from

@@ -1,0 +1,30 @@
+"""Shared fixtures. Ray tests share one small local cluster per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+#: Small enough that the bounded-memory test streams several times this much data through it.
+OBJECT_STORE_BYTES = 120 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs and a small object store, started once per session."""
+    import ray
+    import ray.data
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=OBJECT_STORE_BYTES,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,134 @@
+"""Every input layout is planned and read correctly; wrong schemas fail with a clear message."""
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.ingest.sources import ColumnNames, DataSourceError, ReadProblems, plan_collection, read_unit
+from tests.pipelines.fixtures import (
+    jpeg_bytes,
+    write_huggingface_parquet,
+    write_image_folder,
+    write_img2dataset_parquet,
+    write_webdataset_tar,
+)
+
+
+def _read_all(collection):
+    problems = ReadProblems()
+    images = [image for unit in collection.units for image in read_unit(unit, collection.columns, problems)]
+    return images, problems
+
+
+def test_class_folder_gives_labels_and_indices(tmp_path):
+    write_image_folder(tmp_path, {"cat": 3, "dog": 2})
+    collection = plan_collection(str(tmp_path))
+    assert collection.layout == "folder" and collection.class_names == ("cat", "dog")
+    images, _ = _read_all(collection)
+    assert sorted(image.label for image in images) == [0, 0, 0, 1, 1]
+    assert sorted(image.index for image in images) == [0, 1, 2, 3, 4]
+    assert images[0].data == (tmp_path / "cat" / "0000.jpg").read_bytes()
+    assert collection.indexed and collection.num_images == 5
+
+
+def test_flat_folder_is_unlabeled(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.png").write_bytes(jpeg_bytes(i, fmt="PNG"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    collection = plan_collection(str(tmp_path))
+    images, _ = _read_all(collection)
+    assert collection.class_names == () and [image.label for image in images] == [-1, -1, -1]
+
+
+def test_img2dataset_parquet_row_groups_become_units(tmp_path):
+    write_img2dataset_parquet(tmp_path / "00000.parquet", 10, rows_per_group=4)
+    write_img2dataset_parquet(tmp_path / "00001.parquet", 5, rows_per_group=4, start_seed=10)
+    collection = plan_collection(str(tmp_path))
+    assert collection.layout == "parquet" and collection.columns == ColumnNames("jpg", None, "key")
+    assert [unit.num_rows for unit in collection.units] == [4, 4, 2, 4, 1]
+    images, problems = _read_all(collection)
+    assert len(images) == 15 and not problems.counts
+    assert [image.index for image in images] == list(range(15))
+    assert images[11].data == jpeg_bytes(11)
+
+
+def test_huggingface_parquet_image_struct_and_label(tmp_path):
+    write_huggingface_parquet(tmp_path / "train-00000.parquet", 6, rows_per_group=3)
+    collection = plan_collection(str(tmp_path / "*.parquet"))
+    images, _ = _read_all(collection)
+    assert collection.columns.image == "image" and collection.columns.label == "label"
+    assert [image.label for image in images] == [0, 1, 2, 0, 1, 2]
+    assert images[4].data == jpeg_bytes(4)
+
+
+def test_webdataset_tars_with_cls_labels(tmp_path):
+    write_webdataset_tar(tmp_path / "00000.tar", 5)
+    write_webdataset_tar(tmp_path / "00001.tar", 3, start_seed=5, with_labels=False)
+    collection = plan_collection(str(tmp_path))
+    assert collection.layout == "webdataset" and len(collection.units) == 2 and not collection.indexed
+    images, _ = _read_all(collection)
+    assert [image.label for image in images] == [0, 1, 2, 3, 0, -1, -1, -1]
+    assert images[6].key == "000000006" and images[6].data == jpeg_bytes(6)
+
+
+def test_truncated_tar_keeps_complete_samples_and_counts_the_break(tmp_path):
+    write_webdataset_tar(tmp_path / "full.tar", 6)
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "full.tar").unlink()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    images, problems = _read_all(plan_collection(str(tmp_path / "cut.tar")))
+    assert 0 < len(images) < 6
+    assert problems.counts == {"broken_tar": 1} and "cut.tar" in problems.first_error
+
+
+def test_explicit_column_names(tmp_path):
+    table = pa.table({"photo": [jpeg_bytes(1), jpeg_bytes(2)], "klass": [7, 8]})
+    pq.write_table(table, tmp_path / "custom.parquet")
+    collection = plan_collection(str(tmp_path / "custom.parquet"), columns=ColumnNames(image="photo", label="klass"))
+    images, _ = _read_all(collection)
+    assert [image.label for image in images] == [7, 8]
+
+
+def test_wrong_schema_names_the_file_and_the_column(tmp_path):
+    pq.write_table(pa.table({"caption": ["a", "b"]}), tmp_path / "bad.parquet")
+    with pytest.raises(DataSourceError, match=r"bad\.parquet: no image column among image, jpg.*columns: caption"):
+        plan_collection(str(tmp_path / "bad.parquet"))
+    pq.write_table(pa.table({"image": ["text", "not bytes"]}), tmp_path / "strings.parquet")
+    with pytest.raises(DataSourceError, match=r"strings\.parquet: image column 'image' has type string"):
+        plan_collection(str(tmp_path / "strings.parquet"))
+    with pytest.raises(DataSourceError, match=r"no label column 'lbl'"):
+        plan_collection(str(tmp_path / "strings.parquet"), columns=ColumnNames(label="lbl"))
+
+
+def test_one_of_many_files_with_a_different_schema_is_named(tmp_path):
+    write_img2dataset_parquet(tmp_path / "a.parquet", 2, rows_per_group=2)
+    pq.write_table(pa.table({"key": ["x"], "png": [jpeg_bytes(0)]}), tmp_path / "b.parquet")
+    with pytest.raises(DataSourceError, match=r"b\.parquet: no image column 'jpg'"):
+        plan_collection(str(tmp_path))
+
+
+def test_missing_path_and_empty_folder_are_clear_errors(tmp_path):
+    with pytest.raises(DataSourceError, match="does not exist"):
+        plan_collection(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSourceError, match="no images found"):
+        plan_collection(str(tmp_path / "empty"))
+    (tmp_path / "not_parquet.parquet").write_bytes(b"garbage")
+    with pytest.raises(DataSourceError, match="not a readable Parquet file"):
+        plan_collection(str(tmp_path / "not_parquet.parquet"))
+
+
+def test_null_and_empty_image_cells_are_counted(tmp_path):
+    table = pa.table({"image": pa.array([jpeg_bytes(0), None, b""], type=pa.binary())})
+    pq.write_table(table, tmp_path / "holes.parquet")
+    images, problems = _read_all(plan_collection(str(tmp_path / "holes.parquet")))
+    assert len(images) == 1 and problems.counts == {"empty": 2}
+
+
+def test_file_uri_scheme(tmp_path):
+    write_img2dataset_parquet(tmp_path / "x.parquet", 3, rows_per_group=3)
+    collection = plan_collection(f"file://{tmp_path}/x.parquet")
+    images, _ = _read_all(collection)
+    assert len(images) == 3 and io.BytesIO(images[0].data).read(2) == b"\xff\xd8"
