@@ -31,6 +31,7 @@ from benchmarks.corpus import build_corpus
 from moco_core.augment import AugmentConfig
 from moco_core.photometric import prepare_model_input
 from pipelines.console import Progress, note
+from pipelines.ingest.dataset import quiet_ray_data
 
 
 def _timed_consumption(batches: Iterable, count_images, label: str, total: int | None) -> float:
@@ -155,7 +156,7 @@ def run_ingest_benchmark(
     sizes: tuple[int, ...] = (224, 64),
     workers: int = 2,
     batch_size: int = 256,
-    epochs: int = 1,
+    epochs: int = 2,
     single_process_images: int = 300,
 ) -> dict:
     """Build (or reuse) the corpus and its shards, then measure (a), (b) and (c) at each size."""
@@ -166,7 +167,7 @@ def run_ingest_benchmark(
     work = Path(work_dir or os.path.join(tempfile.gettempdir(), "moco-bench-ingest"))
     corpus = build_corpus(work / f"corpus-{num_images}", num_images)
     shards_dir = work / f"shards-{num_images}"
-    shard_report = build_shards([corpus["path"]], str(shards_dir))
+    shard_report = build_shards([corpus["path"]], str(shards_dir), show_progress=False)
     note(f"bench ingest: corpus {corpus['num_images']} JPEGs, mean {corpus['mean_kb']} KB; shards in {shards_dir}")
     raw_images = _load_image_bytes(corpus["path"], single_process_images)
 
@@ -185,7 +186,7 @@ def run_ingest_benchmark(
         "by_size": {},
     }
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
     try:
         for size in sizes:
             cpu_config = AugmentConfig(recipe="v2", size=size, photometric="cpu")
@@ -214,5 +215,5 @@ def run_ingest_benchmark(
     headline = results["by_size"][str(sizes[0])]
     results["ratio"] = headline["ratio"]
     results["efficiency"] = headline["efficiency"]
-    results["shards"] = {"num_images": shard_report["num_images"], "num_shards": shard_report["num_shards"]}
+    results["shards"] = {"num_images": shard_report.num_images, "num_shards": shard_report.num_shards}
     return results

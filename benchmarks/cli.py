@@ -11,6 +11,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     bench = commands.add_parser("bench", help="benchmarks that print JSON with a 'ratio' against a baseline")
     benches = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     _add_step(benches, common)
+    _add_ingest(benches, common)
 
     def missing(args: argparse.Namespace) -> dict:
         bench.print_help()
@@ -82,4 +83,49 @@ def _run_step(args: argparse.Namespace) -> dict:
         rounds=args.rounds,
         include_fp32=not args.no_fp32,
         ema_archs=args.ema_archs,
+    )
+
+
+def _add_ingest(benches: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = benches.add_parser(
+        "ingest",
+        parents=[common],
+        help="images/s into the training loop: official loader vs our function vs our Ray pipeline",
+        description="Build (or reuse) an ImageNet-like JPEG corpus and its shards, then measure images/s "
+        "delivered by (a) the official ImageFolder + DataLoader + TwoCropsTransform loader, (b) our per-image "
+        "decode + two-view function in one process, (c) our Ray Data pipeline into iter_torch_batches. "
+        "ratio = (c)/(a); efficiency = (c)/((b) x workers).",
+    )
+    parser.add_argument(
+        "--work-dir", default=None, help="where the corpus and shards are kept (default: <tmp>/moco-bench-ingest)"
+    )
+    parser.add_argument("--num-images", type=positive_int, default=2000, help="corpus size (default: 2000)")
+    parser.add_argument(
+        "--sizes", type=positive_int, nargs="+", default=[224, 64], help="view sizes in px (default: 224 64)"
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, default=2, help="loader workers / Ray reader tasks (default: 2)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
+    parser.add_argument("--epochs", type=positive_int, default=2, help="epochs per measurement (default: 2)")
+    parser.add_argument(
+        "--single-process-images",
+        type=positive_int,
+        default=300,
+        help="images timed for the single-process figure (default: 300)",
+    )
+    parser.set_defaults(handler=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace) -> dict:
+    from benchmarks.bench_ingest import run_ingest_benchmark
+
+    return run_ingest_benchmark(
+        work_dir=args.work_dir,
+        num_images=args.num_images,
+        sizes=tuple(args.sizes),
+        workers=args.workers,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        single_process_images=args.single_process_images,
     )

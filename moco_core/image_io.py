@@ -59,8 +59,8 @@ def open_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError as error:
-        raise ImageDecodeError("not_an_image", str(error)) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not_an_image", "no image format recognised") from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError("too_large", str(error)) from None
     except Exception as error:  # noqa: BLE001 -- any parser failure on untrusted bytes

@@ -20,6 +20,7 @@ at the checkpointed epoch and unit).
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,6 +167,14 @@ def _read_plan_rows(batch: dict[str, np.ndarray], reader_id: str, shared: list, 
         reader = _readers[reader_id] = UnitReader(plan, units, **settings)
     for plan_row in batch["id"]:
         yield from reader.read(int(plan_row))
+
+
+def quiet_ray_data() -> None:
+    """No progress bars or per-execution INFO lines from Ray Data: our commands report progress."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def build_view_dataset(

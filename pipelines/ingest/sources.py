@@ -433,3 +433,36 @@ def _read_files(unit: ReadUnit, problems: ReadProblems) -> Iterator[RawImage]:
             problems.add("unreadable", f"{uri}: {error}")
             continue
         yield RawImage(uri, data, label, first + offset if first >= 0 else -1)
+
+
+def check_decodable(collection: Collection, sample_size: int = 32) -> None:
+    """Fail fast when a collection's images cannot be decoded at all (a wrong column, say).
+
+    Reads the first units until ``sample_size`` images and decodes them; one success is enough.
+
+    Raises:
+        DataSourceError: none decodes; the message names the file, the column and the reasons.
+    """
+    from moco_core.image_io import ImageDecodeError, decode_rgb, open_image
+
+    reasons: dict[str, int] = {}
+    problems = ReadProblems()
+    tried, where = 0, ""
+    for unit in collection.units:
+        where = unit.uri or (unit.files[0][0] if unit.files else "")
+        for image in read_unit(unit, collection.columns, problems):
+            try:
+                decode_rgb(open_image(image.data))
+                return
+            except ImageDecodeError as error:
+                reasons[error.reason] = reasons.get(error.reason, 0) + 1
+            tried += 1
+            if tried >= sample_size:
+                break
+        if tried >= sample_size:
+            break
+    for reason, count in problems.counts.items():
+        reasons[reason] = reasons.get(reason, 0) + count
+    column = f", column {collection.columns.image!r}" if collection.columns.image else ""
+    summary = ", ".join(f"{reason} x{count}" for reason, count in sorted(reasons.items())) or "no images read"
+    raise DataSourceError(f"{where}{column}: none of the first {max(tried, 1)} images decode ({summary})")

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipelines import cli
-from pipelines.ingest import shards as shards_module
+from pipelines.ingest import shard_plan, shard_writer
 from pipelines.ingest.schema import MANIFEST_NAME, SHARD_SCHEMA, Manifest
 from pipelines.ingest.shards import LOG_NAME, OutputConflictError, build_shards
 
@@ -324,21 +324,21 @@ def test_rerun_rebuilds_only_the_missing_shard(tmp_path):
 def test_killed_run_resumes_from_its_log(tmp_path, monkeypatch):
     source, output = flat_folder(tmp_path, 9), tmp_path / "out"
     write(source / "bad.jpg", b"junk")  # its skip record must survive the kill
-    build_file_shard = shards_module._build_file_shard
+    build_file_shard = shard_writer._build_file_shard
 
     def killed_at_second_shard(task, *args):
         if task.name == "shard-00001.parquet":
             raise KeyboardInterrupt
         return build_file_shard(task, *args)
 
-    monkeypatch.setattr(shards_module, "_build_file_shard", killed_at_second_shard)
+    monkeypatch.setattr(shard_writer, "_build_file_shard", killed_at_second_shard)
     with pytest.raises(KeyboardInterrupt):
         shard([source], output, images_per_shard=4)
     assert (output / LOG_NAME).exists() and not (output / MANIFEST_NAME).exists()
     assert sorted(path.name for path in output.iterdir()) == [LOG_NAME, "shard-00000.parquet"]
     first_mtime = (output / "shard-00000.parquet").stat().st_mtime_ns
 
-    monkeypatch.setattr(shards_module, "_build_file_shard", build_file_shard)
+    monkeypatch.setattr(shard_writer, "_build_file_shard", build_file_shard)
     report = shard([source], output, images_per_shard=4)
     assert (report.shards_built, report.shards_reused) == (2, 1)
     assert (output / "shard-00000.parquet").stat().st_mtime_ns == first_mtime
@@ -361,9 +361,9 @@ def test_rerun_rebuilds_a_missing_tar_shard_in_one_pass(tmp_path):
 
 def test_tar_shorter_than_planned_records_the_lost_samples(tmp_path):
     tar = make_tar(tmp_path / "00000.tar", [("a", {"jpg": image_bytes(10, 10)})])
-    task = shards_module.TarTask(str(tar), (shards_module.TarShard("shard-00000.parquet", ("a", "b")),))
-    [result] = shards_module._build_tar_shards(
-        task, frozenset(["shard-00000.parquet"]), tmp_path, shards_module.ShardOptions(), lambda: None
+    task = shard_plan.TarTask(str(tar), (shard_plan.TarShard("shard-00000.parquet", ("a", "b")),))
+    [result] = shard_writer._build_tar_shards(
+        task, frozenset(["shard-00000.parquet"]), tmp_path, shard_plan.ShardOptions(), lambda: None
     )
     assert result.num_images == 1
     assert [(skip.source, skip.reason) for skip in result.skipped] == [(f"{tar}::b", "truncated")]

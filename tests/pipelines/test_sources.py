@@ -132,3 +132,39 @@ def test_file_uri_scheme(tmp_path):
     collection = plan_collection(f"file://{tmp_path}/x.parquet")
     images, _ = _read_all(collection)
     assert len(images) == 3 and io.BytesIO(images[0].data).read(2) == b"\xff\xd8"
+
+
+def test_moco_shard_directory_round_trips_through_the_reader(tmp_path):
+    from pipelines.ingest.shards import build_shards
+
+    keys = write_image_folder(tmp_path / "images", {"ant": 5, "bee": 4})
+    (tmp_path / "images" / "bee" / "broken.jpg").write_bytes(b"garbage")
+    report = build_shards(
+        [str(tmp_path / "images")],
+        tmp_path / "shards",
+        images_per_shard=4,
+        row_group_size=2,
+        workers=1,
+        show_progress=False,
+    )
+    assert report.num_images == 9 and report.num_skipped == 1
+    collection = plan_collection(str(tmp_path / "shards"))
+    assert collection.layout == "moco" and collection.class_names == ("ant", "bee")
+    assert collection.num_images == 9 and collection.indexed
+    images, problems = _read_all(collection)
+    assert sorted(image.key for image in images) == sorted(keys) and not problems.counts
+    by_key = {image.key: image for image in images}
+    assert by_key["bee/0002"].data == (tmp_path / "images" / "bee" / "0002.jpg").read_bytes()
+    assert by_key["bee/0002"].label == 1 and by_key["ant/0000"].label == 0
+    assert sorted(image.index for image in images) == list(range(9))
+
+
+def test_a_collection_where_nothing_decodes_is_one_clear_error(tmp_path):
+    from pipelines.ingest.sources import check_decodable
+
+    table = pa.table({"key": ["a", "b", "c"], "thumbnail": [b"not", b"an", b"image"], "jpg": [jpeg_bytes(0)] * 3})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    wrong = plan_collection(str(tmp_path / "part-0.parquet"), columns=ColumnNames(image="thumbnail"))
+    with pytest.raises(DataSourceError, match=r"part-0\.parquet, column 'thumbnail': none of the first 3 images"):
+        check_decodable(wrong)
+    check_decodable(plan_collection(str(tmp_path / "part-0.parquet")))  # the jpg column is fine
