@@ -36,9 +36,9 @@ from PIL import Image, ImageChops, ImageEnhance, ImageFilter
 
 from moco_core.image_io import ImageLimits, decode_rgb, open_image
 
-Recipe = Literal["v1", "v2"]
+Recipe = Literal["v1", "v2", "cifar"]
 PhotometricPlacement = Literal["cpu", "device"]
-RECIPES: tuple[str, ...] = ("v1", "v2")
+RECIPES: tuple[str, ...] = ("v1", "v2", "cifar")
 PHOTOMETRIC_PLACEMENTS: tuple[str, ...] = ("cpu", "device")
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -80,6 +80,8 @@ class PhotometricRecipe:
 PHOTOMETRIC_RECIPES: dict[str, PhotometricRecipe] = {
     "v1": PhotometricRecipe((0.4, 0.4, 0.4, 0.4), 1.0, 0.2, True, 0.0, (0.1, 2.0)),
     "v2": PhotometricRecipe((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.5, (0.1, 2.0)),
+    # The official CIFAR-10 demo: v2's jitter and grayscale, no blur (32 px views are small).
+    "cifar": PhotometricRecipe((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.0, (0.1, 2.0)),
 }
 
 
@@ -88,7 +90,8 @@ class AugmentConfig:
     """How the two views of an image are made.
 
     Attributes:
-        recipe: ``v1`` (MoCo) or ``v2`` (MoCo v2, "aug+").
+        recipe: ``v1`` (MoCo), ``v2`` (MoCo v2, "aug+") or ``cifar`` (the official CIFAR-10
+            demo: v2 without blur).
         size: output side in pixels (views are ``size`` x ``size``).
         crop_scale: RandomResizedCrop area range, as a fraction of the image area.
         crop_ratio: RandomResizedCrop aspect-ratio (width / height) range.

@@ -10,6 +10,7 @@ statistics, the pretext task leaks. The modes, selectable per run for ablation:
   sub-batches differ from the query's.
 * ``sync`` -- SyncBatchNorm (global statistics; needs GPUs when distributed).
 * ``none`` -- plain BatchNorm, no shuffling.
+* ``auto`` -- ``shuffle`` when running in a process group of several ranks, else ``split``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,15 @@ from torch import nn
 
 from moco_core import distributed
 
-BatchNormMode = Literal["shuffle", "split", "sync", "none"]
-BATCHNORM_MODES: tuple[str, ...] = ("shuffle", "split", "sync", "none")
+BatchNormMode = Literal["auto", "shuffle", "split", "sync", "none"]
+BATCHNORM_MODES: tuple[str, ...] = ("auto", "shuffle", "split", "sync", "none")
+
+
+def resolve_batchnorm_mode(mode: BatchNormMode) -> BatchNormMode:
+    """``auto`` -> ``shuffle`` across several processes, ``split`` in one; other modes unchanged."""
+    if mode != "auto":
+        return mode
+    return "shuffle" if distributed.is_distributed() else "split"
 
 
 class _SplitBatchNormFunction(torch.autograd.Function):
@@ -148,6 +156,7 @@ def convert_batchnorm(module: nn.Module, mode: BatchNormMode, num_splits: int = 
     """
     if mode not in BATCHNORM_MODES:
         raise ValueError(f"unknown batchnorm mode {mode!r}; choose one of {', '.join(BATCHNORM_MODES)}")
+    mode = resolve_batchnorm_mode(mode)
     if mode == "sync":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if mode != "split":
@@ -189,6 +198,7 @@ def encode_with_shuffled_batch(
     Shape:
         images: (N, 3, H, W) -> (N, D)
     """
+    mode = resolve_batchnorm_mode(mode)
     if mode == "split":
         permutation = torch.randperm(images.shape[0], device=images.device)
         encoded = encoder(images[permutation])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moco_core.batchnorm import BATCHNORM_MODES, BatchNormMode, convert_batchnorm
+from moco_core.batchnorm import BATCHNORM_MODES, BatchNormMode, convert_batchnorm, resolve_batchnorm_mode
 from moco_core.encoders import SUPPORTED_ARCHS, Encoder, HeadKind
 from moco_core.mechanisms import ContrastiveModel, EndToEnd, MemoryBankModel, MoCo
 
@@ -26,7 +26,9 @@ class ModelConfig:
         queue_size: K; the queue length for ``moco``, negatives drawn per step for
             ``memory_bank``; unused by ``end_to_end`` (its negatives are the batch).
         temperature: InfoNCE temperature T.
-        batchnorm: ``shuffle``, ``split``, ``sync`` or ``none`` (see ``moco_core.batchnorm``).
+        batchnorm: ``auto``, ``shuffle``, ``split``, ``sync`` or ``none`` (see ``moco_core.batchnorm``);
+            ``auto`` is resolved when the model is built: ``shuffle`` in a process group of
+            several ranks, ``split`` in a single process.
         bn_splits: sub-batches per batch for ``split`` BatchNorm.
         symmetric: also use the key view as query (``moco`` and ``end_to_end``).
         bank_momentum: memory-bank refresh momentum.
@@ -39,7 +41,7 @@ class ModelConfig:
     mechanism: Mechanism = "moco"
     queue_size: int = 65536
     temperature: float = 0.2
-    batchnorm: BatchNormMode = "shuffle"
+    batchnorm: BatchNormMode = "auto"
     bn_splits: int = 8
     symmetric: bool = False
     bank_momentum: float = 0.5
@@ -75,12 +77,13 @@ def build_model(config: ModelConfig, num_samples: int | None = None) -> Contrast
         num_samples: training-set size; required by the ``memory_bank`` mechanism only.
     """
     config.validate()
+    batchnorm = resolve_batchnorm_mode(config.batchnorm)
     encoder = Encoder(config.arch, config.head, config.dim, config.small_image_stem)
-    convert_batchnorm(encoder, config.batchnorm, config.bn_splits)
+    convert_batchnorm(encoder, batchnorm, config.bn_splits)
     if config.mechanism == "moco":
-        return MoCo(encoder, config.queue_size, config.temperature, config.batchnorm, config.symmetric)
+        return MoCo(encoder, config.queue_size, config.temperature, batchnorm, config.symmetric)
     if config.mechanism == "end_to_end":
-        return EndToEnd(encoder, config.temperature, config.batchnorm, config.symmetric)
+        return EndToEnd(encoder, config.temperature, batchnorm, config.symmetric)
     if num_samples is None or num_samples < 1:
         raise ValueError("the memory_bank mechanism needs num_samples (the training-set size)")
     return MemoryBankModel(encoder, num_samples, config.queue_size, config.temperature, config.bank_momentum)

@@ -16,12 +16,16 @@ from collections.abc import Callable, Sequence
 
 from benchmarks import cli as bench_cli
 from moco_core import __version__
+from pipelines import demo
 from pipelines.cli_common import UserError, common_options
 from pipelines.ingest import shard_command
+from pipelines.pretrain import command as pretrain_command
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [
-    bench_cli.register,
     shard_command.register,
+    pretrain_command.register,
+    demo.register,
+    bench_cli.register,
 ]
 
 

@@ -6,7 +6,8 @@ import argparse
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad option, missing file); shown as one line, no traceback."""
+    """A failure explained in one line (bad option, missing file, a run that stopped early);
+    shown without a traceback."""
 
 
 def common_options() -> argparse.ArgumentParser:

@@ -8,8 +8,14 @@ from typing import TextIO
 
 
 def note(message: str, stream: TextIO | None = None) -> None:
-    """One line of progress or information on stderr."""
-    print(message, file=stream or sys.stderr, flush=True)
+    """One line of progress or information on stderr.
+
+    Written to the stream directly: inside Ray Train workers ``print`` is patched to also log,
+    which would show every line twice.
+    """
+    stream = stream or sys.stderr
+    stream.write(message + "\n")
+    stream.flush()
 
 
 def format_duration(seconds: float) -> str:

@@ -15,7 +15,7 @@ at the checkpointed epoch and unit).
 * Exactly once: every (epoch, unit) appears once in the plan, and ``streaming_split`` hands each
   row to one worker.
 * Bad data: reading and decoding failures are skipped and counted in
-  :class:`~pipelines.ingest.counters.IngestCounters`; nothing stops the stream.
+  :class:`~pipelines.ingest.ingest_state.IngestState`; nothing stops the stream.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import ray
 
 from moco_core.image_io import ImageDecodeError
-from pipelines.ingest.counters import IngestCounters
+from pipelines.ingest.ingest_state import IngestState
 from pipelines.ingest.sources import Collection, ColumnNames, ReadProblems, ReadUnit, read_unit
 
 #: rows per block the readers emit (small blocks keep memory flat and batches flowing)
@@ -95,7 +95,7 @@ class UnitReader:
         view_function: the per-image transform; its ``columns`` name the output views.
         seed: base seed of the run.
         shuffle_within_unit: permute rows inside each unit.
-        counters: the run's IngestCounters actor.
+        ingest_state: the run's IngestState actor (counts, resume position).
     """
 
     def __init__(
@@ -106,7 +106,7 @@ class UnitReader:
         view_function: ViewFunction,
         seed: int,
         shuffle_within_unit: bool,
-        counters: ray.actor.ActorHandle,
+        ingest_state: ray.actor.ActorHandle,
     ):
         self.plan = plan
         self.units = units
@@ -114,10 +114,12 @@ class UnitReader:
         self.view_function = view_function
         self.seed = seed
         self.shuffle_within_unit = shuffle_within_unit
-        self.counters = counters
+        self.ingest_state = ingest_state
 
     def read(self, plan_row: int) -> Iterator[dict[str, np.ndarray]]:
         epoch, position, unit_id = (int(value) for value in self.plan[plan_row])
+        if epoch * len(self.units) + position < ray.get(self.ingest_state.get_resume_position.remote()):
+            return  # consumed before a restart: pass over without reading
         rng = np.random.default_rng([self.seed, epoch, unit_id])
         problems = ReadProblems()
         images = list(read_unit(self.units[unit_id], self.columns, problems))
@@ -142,7 +144,7 @@ class UnitReader:
         if rows:
             delivered += len(rows)
             yield self._block(rows, epoch, position)
-        self.counters.add.remote(delivered, problems.counts, converted, problems.first_error)
+        self.ingest_state.add.remote(delivered, problems.counts, converted, problems.first_error)
 
     def _block(self, rows: list[tuple], epoch: int, position: int) -> dict[str, np.ndarray]:
         block = {
@@ -186,7 +188,7 @@ def build_view_dataset(
     shuffle: bool = True,
     start: StreamPosition = StreamPosition(),
     readers: int = 1,
-    counters: ray.actor.ActorHandle | None = None,
+    ingest_state: ray.actor.ActorHandle | None = None,
 ) -> tuple[ray.data.Dataset, ray.actor.ActorHandle]:
     """A lazy dataset of view rows covering epochs ``start.epoch .. end_epoch - 1``.
 
@@ -198,13 +200,13 @@ def build_view_dataset(
         shuffle: shuffle units per epoch and rows per unit.
         start: where the stream begins (a resumed run starts at its checkpoint).
         readers: concurrent reader tasks (each uses one CPU).
-        counters: an existing IngestCounters actor; a new one is made when omitted.
+        ingest_state: an existing IngestState actor; a new one is made when omitted.
 
     Returns:
         The dataset (columns: each view as uint8 HxWx3, ``label``, ``index``, ``epoch``,
-        ``unit_position``) and the counters actor.
+        ``unit_position``) and the IngestState actor.
     """
-    counters = counters or IngestCounters.remote()
+    ingest_state = ingest_state or IngestState.remote()
     plan = plan_stream(len(collection.units), end_epoch, seed, shuffle, start)
     if len(plan) == 0:
         raise ValueError(f"empty stream: start {start} is at or past end_epoch {end_epoch}")
@@ -225,8 +227,8 @@ def build_view_dataset(
                 "view_function": view_function,
                 "seed": seed,
                 "shuffle_within_unit": shuffle,
-                "counters": counters,
+                "ingest_state": ingest_state,
             },
         },
     )
-    return dataset, counters
+    return dataset, ingest_state

@@ -156,3 +156,17 @@ def test_single_process_collectives_are_identities():
     assert distributed.all_gather_concat(x) is x
     assert distributed.all_gather_concat_with_grad(x) is x
     torch.testing.assert_close(distributed.all_reduce_mean(x), x)
+
+
+def test_auto_mode_is_split_in_one_process_and_shuffle_in_a_group(tmp_path):
+    from moco_core.batchnorm import resolve_batchnorm_mode
+
+    assert resolve_batchnorm_mode("auto") == "split"
+    assert resolve_batchnorm_mode("none") == "none"
+    assert run_distributed(_resolved_mode, tmp_path) == ["shuffle", "shuffle"]
+
+
+def _resolved_mode() -> str:
+    from moco_core.batchnorm import resolve_batchnorm_mode
+
+    return resolve_batchnorm_mode("auto")

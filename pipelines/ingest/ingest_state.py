@@ -1,7 +1,10 @@
-"""Counts of skipped and converted images, gathered from the ingest workers by one small actor.
+"""Shared state of one ingest stream, held by a small actor: counts of skipped and converted
+images, and where a restarted stream should resume.
 
 Skipped images produce no rows, so their counts cannot travel with the data; each reader
-reports to this actor after every unit it reads, and the trainer reads a snapshot when it logs.
+reports here after every unit it reads, and the trainer reads a snapshot when it logs. After a
+worker-group restart the dataset runs again from its first unit; the trainer sets the resume
+position here first, and readers pass over units before it without reading them.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ import ray
 
 
 @ray.remote(num_cpus=0)
-class IngestCounters:
-    """Totals by reason: ``skipped`` (dropped images) and ``converted`` (e.g. CMYK -> RGB)."""
+class IngestState:
+    """Totals by reason (``skipped``: dropped images; ``converted``: e.g. CMYK -> RGB) and the
+    stream position (in units over all epochs) below which readers skip."""
 
     def __init__(self) -> None:
         self.delivered = 0
         self.skipped: dict[str, int] = {}
         self.converted: dict[str, int] = {}
         self.first_error = ""
+        self.resume_position = 0
 
     def add(self, delivered: int, skipped: dict[str, int], converted: dict[str, int], first_error: str = "") -> None:
         self.delivered += delivered
@@ -36,3 +41,9 @@ class IngestCounters:
             "converted_by_mode": dict(self.converted),
             "first_error": self.first_error,
         }
+
+    def set_resume_position(self, position: int) -> None:
+        self.resume_position = position
+
+    def get_resume_position(self) -> int:
+        return self.resume_position

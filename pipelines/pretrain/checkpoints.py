@@ -1,0 +1,93 @@
+"""Pretraining checkpoints: everything to resume, with stable keys, loadable with weights_only.
+
+A checkpoint directory holds:
+
+* ``model.pt`` -- the unwrapped model state dict: ``query_encoder.*``, ``momentum_encoder.*``,
+  ``queue.keys``, ``queue.pointer`` (``memory_bank.features`` for that mechanism);
+* ``training_state.pt`` -- optimizer state and the torch RNG state;
+* ``state.json`` -- step, epoch, data position, images seen, the MLflow run id;
+* ``config.yaml`` -- the resolved configuration.
+
+Ray Train registers a checkpoint only after it is fully uploaded, and rank 0 rewrites
+``latest_checkpoint.json`` in the run directory (write to a temporary name, then rename) only
+after that, so a partly written checkpoint is never picked up.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipelines.pretrain.run_files import read_json, write_json
+
+FORMAT_VERSION = 1
+POINTER_NAME = "latest_checkpoint.json"
+
+
+@dataclass
+class TrainingState:
+    """Progress through the run. ``data_position`` counts read units over all epochs
+    (``epoch * units_per_epoch + unit``): a resumed stream restarts at that unit."""
+
+    step: int = 0
+    epoch: int = 0
+    data_position: int = 0
+    images_seen: int = 0
+    mlflow_run_id: str | None = None
+    knn_top1_random_init: float | None = None
+
+
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainingState,
+    config: dict[str, Any],
+) -> None:
+    """Write a checkpoint into ``directory`` (created if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"format_version": FORMAT_VERSION, "model": model.state_dict()}, directory / "model.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "torch_rng_state": torch.get_rng_state()},
+        directory / "training_state.pt",
+    )
+    (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (directory / "state.json").write_text(json.dumps(asdict(state), indent=2))
+
+
+def load_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainingState:
+    """Restore ``model`` (and ``optimizer``) from ``directory``; returns the training state.
+
+    Everything is loaded with ``weights_only=True``.
+    """
+    saved = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory}: checkpoint format {saved.get('format_version')} is not {FORMAT_VERSION}")
+    model.load_state_dict(saved["model"])
+    training = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(training["optimizer"])
+    torch.set_rng_state(training["torch_rng_state"])
+    return TrainingState(**json.loads((directory / "state.json").read_text()))
+
+
+def load_backbone_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The query encoder's backbone weights, keyed like a torchvision model without ``fc``."""
+    saved = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    prefix = "query_encoder.backbone."
+    return {key[len(prefix) :]: value for key, value in saved["model"].items() if key.startswith(prefix)}
+
+
+def write_pointer(run_dir: str, checkpoint_path: str, state: TrainingState) -> None:
+    """Record the newest complete checkpoint in ``run_dir`` (atomically)."""
+    write_json(run_dir, POINTER_NAME, {"path": checkpoint_path, **asdict(state)})
+
+
+def read_pointer(run_dir: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint recorded in ``run_dir``, or None."""
+    return read_json(run_dir, POINTER_NAME)

@@ -1,0 +1,355 @@
+"""The pretraining job's driver: plan data, build the Ray Data streams and the TorchTrainer, run,
+and turn the outcome into data.
+
+:func:`run_pretraining` is a plain function (a Tune trial can call it) that returns a dict with
+everything a sweep needs; the ``moco pretrain`` command is a thin wrapper around it. Output
+directory layout::
+
+    OUTPUT/config.yaml              resolved configuration
+    OUTPUT/run.json                 inputs (data paths, scaling) for --resume
+    OUTPUT/train/checkpoint_step*/  Ray Train checkpoints (the newest K are kept)
+    OUTPUT/latest_checkpoint.json   the newest complete checkpoint
+    OUTPUT/metrics.jsonl            every logged metric (kept even when MLflow is down)
+    OUTPUT/backbone.pt              final backbone weights (torchvision keys, no fc)
+    OUTPUT/curves.png               loss and kNN curves
+    OUTPUT/summary.json             the returned summary
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moco_core.image_io import ImageLimits
+from pipelines.cli_common import UserError
+from pipelines.config import ConfigError, flatten
+from pipelines.console import note
+from pipelines.ingest.dataset import StreamPosition, build_view_dataset, quiet_ray_data
+from pipelines.ingest.sources import Collection, ColumnNames, check_decodable, plan_collection
+from pipelines.ingest.views import EvalViewFunction, TwoViewFunction
+from pipelines.pretrain.checkpoints import POINTER_NAME, read_pointer
+from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
+from pipelines.pretrain.run_files import read_json, write_json
+from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
+
+RUN_INPUTS = "run.json"
+SUMMARY = "summary.json"
+
+
+class RunFailed(UserError):
+    """Training stopped without finishing (non-finite loss, or failures beyond max_failures)."""
+
+
+def _columns(config: PretrainConfig) -> ColumnNames:
+    return ColumnNames(config.data.image_column, config.data.label_column, config.data.key_column)
+
+
+def _plan(paths: list[str], config: PretrainConfig, role: str) -> Collection:
+    collection = plan_collection(paths, config.data.layout, _columns(config))
+    check_decodable(collection)
+    if collection.num_images is None:
+        raise ConfigError(
+            f"{role}: the size of a WebDataset collection is unknown before reading it; "
+            "build shards with 'moco shard' first so steps and epochs can be planned"
+        )
+    return collection
+
+
+def _labelled(collection: Collection) -> bool:
+    return collection.columns.label is not None or bool(collection.class_names)
+
+
+def _knn_collections(train: Collection, val: Collection | None) -> tuple[Collection, Collection] | None:
+    """(bank, queries) for the kNN monitor: the labelled training data against the validation
+    data; with unlabelled training data, the validation data's units split in two."""
+    if val is None:
+        return None
+    if not _labelled(val):
+        raise ConfigError("--val-data has no labels (class folders, a label column or .cls): kNN needs them")
+    if _labelled(train):
+        return train, val
+    if len(val.units) < 2:
+        raise ConfigError(
+            "--val-data is one read unit; with unlabelled training data it is split in two "
+            "for kNN, so give it at least two row groups / file chunks"
+        )
+    return replace(val, units=val.units[::2]), replace(val, units=val.units[1::2])
+
+
+def _ensure_ray(config: PretrainConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # Joins a running cluster (RAY_ADDRESS, `ray job submit`), else starts a local one.
+        ray.init(configure_logging=True, logging_level="WARNING")
+    quiet_ray_data()
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    trainer_cpus = config.scaling.workers * config.scaling.cpus_per_worker
+    if trainer_cpus >= cluster_cpus:
+        raise ConfigError(
+            f"the trainer would reserve {trainer_cpus:g} of the cluster's {cluster_cpus:g} CPUs and starve the "
+            "data readers; lower --cpus-per-worker or --workers"
+        )
+
+
+def _readers(config: PretrainConfig) -> int:
+    import ray
+
+    if config.data.readers:
+        return config.data.readers
+    free = ray.cluster_resources().get("CPU", 1) - config.scaling.workers * config.scaling.cpus_per_worker
+    return max(1, int(free))
+
+
+def _start_position(resume_state: dict[str, Any] | None, units_per_epoch: int) -> StreamPosition:
+    if not resume_state:
+        return StreamPosition()
+    position = int(resume_state["data_position"])
+    return StreamPosition(epoch=position // units_per_epoch, unit_position=position % units_per_epoch)
+
+
+def run_pretraining(
+    config: PretrainConfig,
+    data: list[str],
+    output: str,
+    val_data: list[str] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Pretrain with Ray Train and return the summary (also written to ``OUTPUT/summary.json``).
+
+    Args:
+        config: validated job configuration (see :mod:`pipelines.pretrain.config`).
+        data: training collection paths/URIs/globs.
+        output: run directory (local path or URI); must not hold another run unless ``resume``.
+        val_data: labelled collection for the kNN monitor, or None.
+        resume: continue the run in ``output`` from its newest checkpoint.
+
+    Raises:
+        ConfigError: bad inputs (before Ray starts training).
+        RunFailed: training stopped early; the message says why and where the last checkpoint is.
+    """
+    started = time.time()
+    output = output if "://" in output else str(Path(output).resolve())
+    pointer = read_pointer(output)
+    if pointer and not resume:
+        raise ConfigError(
+            f"{output} already holds a run ({POINTER_NAME}); continue it with --resume {output} "
+            "or choose a new --output"
+        )
+    train = _plan(data, config, "--data")
+    val = _plan(val_data, config, "--val-data") if val_data else None
+    knn_sets = _knn_collections(train, val)
+    steps_per_epoch, total_steps = plan_steps(config, train.num_images or 0)
+    units_per_epoch = len(train.units)
+    # One epoch of margin: equal splitting across workers and whole batches drop a few images per epoch.
+    end_epoch = int(math.ceil(total_steps / steps_per_epoch)) + 1
+    config_dict = config_to_dict(config)
+
+    local_output = Path(output) if "://" not in output else None
+    write_json(output, RUN_INPUTS, {"data": data, "val_data": val_data, "scaling": config_dict["scaling"]})
+    if local_output is not None:
+        (local_output / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+
+    tracking_uri = config.tracking.uri or default_tracking_uri()
+    tracker = Tracker(tracking_uri, config.tracking.enabled)
+    if pointer and pointer.get("mlflow_run_id"):
+        tracker.attach(pointer["mlflow_run_id"])
+    else:
+        tracker.start(config.tracking.experiment, config.tracking.run_name, config.tracking.parent_run_id)
+        tracker.log_params(
+            {
+                **flatten(config_dict),
+                "data": ",".join(data),
+                "val_data": ",".join(val_data or []),
+                "num_images": train.num_images,
+                "total_steps": total_steps,
+                "steps_per_epoch": steps_per_epoch,
+            }
+        )
+
+    _ensure_ray(config)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ingest.ingest_state import IngestState
+    from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
+
+    ingest_state = IngestState.remote()
+    limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
+    augment = config.augment.resolve(on_gpu=config.scaling.gpus_per_worker > 0)
+    train_stream, _ = build_view_dataset(
+        train,
+        TwoViewFunction(augment, limits),
+        end_epoch=end_epoch,
+        seed=config.training.seed,
+        shuffle=config.data.shuffle,
+        start=_start_position(pointer if resume else None, units_per_epoch),
+        readers=_readers(config),
+        ingest_state=ingest_state,
+    )
+    datasets = {"train": train_stream}
+    if knn_sets is not None:
+        eval_view = EvalViewFunction(config.eval.image_size or config.augment.size, limits)
+        bank, _ = build_view_dataset(knn_sets[0], eval_view, end_epoch=1, shuffle=False, readers=_readers(config))
+        queries, _ = build_view_dataset(knn_sets[1], eval_view, end_epoch=1, shuffle=False, readers=_readers(config))
+        datasets.update(knn_bank=bank.limit(config.eval.bank_size), knn_query=queries)
+    execution = ray.train.DataConfig.default_ingest_options()
+    execution.preserve_order = True  # resume positions rely on units arriving in plan order
+    run_info = {
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "units_per_epoch": units_per_epoch,
+        "num_images": train.num_images,
+        "run_dir": output,
+        "ingest_state": ingest_state,
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracking_uri,
+        "has_knn": knn_sets is not None,
+        "num_classes": max(len(train.class_names), len(val.class_names) if val else 0) or None,
+        "config_dict": config_dict,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config_dict, "run": run_info},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.workers,
+            use_gpu=config.scaling.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": config.scaling.cpus_per_worker,
+                **({"GPU": config.scaling.gpus_per_worker} if config.scaling.gpus_per_worker else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=output,
+            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": execution}),
+    )
+    note(
+        f"pretraining: {train.num_images} images, {total_steps} steps of {config.optim.batch_size} "
+        f"({steps_per_epoch} per epoch) on {config.scaling.workers} worker(s); run directory {output}"
+    )
+    try:
+        result = trainer.fit()
+    except Exception as error:  # noqa: BLE001 -- reported as one line with the checkpoint to resume from
+        tracker.finish("FAILED")
+        last = read_pointer(output)
+        where = f"; resume from step {last['step']} with --resume {output}" if last else ""
+        raise RunFailed(f"training failed: {_root_cause(error)}{where}") from error
+
+    outcome = read_json(output, WORKER_SUMMARY) or {}
+    last = read_pointer(output)
+    summary = {
+        **outcome,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "num_images": train.num_images,
+        "seconds": round(time.time() - started, 1),
+        "output": output,
+        "checkpoint": last["path"] if last else None,
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracking_uri,
+        "mlflow_ui": ui_command(tracking_uri),
+    }
+    if result.checkpoint is not None and local_output is not None and not outcome.get("stopped"):
+        summary["backbone"] = str(_export_backbone(Path(result.checkpoint.path), local_output))
+    if local_output is not None:
+        curves = _plot_curves(local_output)
+        for artifact in (
+            local_output / "config.yaml",
+            local_output / "backbone.pt",
+            curves,
+            local_output / "metrics.jsonl",
+        ):
+            if artifact is not None:
+                tracker.log_artifact(artifact)
+        if result.checkpoint is not None:
+            for name in ("model.pt", "state.json", "config.yaml"):
+                tracker.log_artifact(Path(result.checkpoint.path) / name, "checkpoint")
+    write_json(output, SUMMARY, summary)
+    if outcome.get("stopped"):
+        tracker.finish("FAILED")
+        raise RunFailed(f"{outcome['stopped']}; the last good checkpoint is {summary['checkpoint']}")
+    tracker.finish("FINISHED")
+    return summary
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error's message (Ray wraps worker errors several levels deep)."""
+    seen = error
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    return text[-1] if text else type(seen).__name__
+
+
+def _export_backbone(checkpoint_dir: Path, output: Path) -> Path:
+    import torch
+
+    from pipelines.pretrain.checkpoints import load_backbone_state
+
+    path = output / "backbone.pt"
+    torch.save(load_backbone_state(checkpoint_dir), path)
+    return path
+
+
+def _plot_curves(output: Path) -> Path | None:
+    """loss and kNN top-1 against steps, from metrics.jsonl (None without matplotlib or metrics)."""
+    import json
+
+    metrics_path = output / "metrics.jsonl"
+    if not metrics_path.exists():
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    loss = [(row["step"], row["loss"]) for row in rows if "loss" in row]
+    knn = [(row["step"], row["knn_top1"]) for row in rows if row.get("knn_top1") is not None]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    if loss:
+        axes[0].plot(*zip(*loss))
+    axes[0].set(title="InfoNCE loss", xlabel="step")
+    if knn:
+        axes[1].plot(*zip(*knn), marker="o")
+    axes[1].set(title="kNN top-1 (%)", xlabel="step")
+    figure.tight_layout()
+    path = output / "curves.png"
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def load_run_for_resume(output: str, overrides: list[str]) -> tuple[PretrainConfig, dict[str, Any]]:
+    """The config and inputs of the run in ``output``, with ``overrides`` applied on top.
+
+    Raises:
+        ConfigError: ``output`` holds no resumable run.
+    """
+    from pipelines.config import apply_overrides
+
+    inputs = read_json(output, RUN_INPUTS)
+    config_path = Path(output) / "config.yaml"
+    if inputs is None or not config_path.exists() or read_pointer(output) is None:
+        raise ConfigError(f"{output} holds no run to resume (needs config.yaml, {RUN_INPUTS} and a checkpoint)")
+    data = apply_overrides(yaml.safe_load(config_path.read_text()), overrides)
+    return config_from_mapping(data), inputs
+
+
+def default_output_dir(recipe: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join("outputs", f"{Path(recipe).stem}-{stamp}")

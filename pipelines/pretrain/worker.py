@@ -1,0 +1,348 @@
+"""The per-worker pretraining loop that Ray Train runs on every worker.
+
+``train_loop_per_worker`` rebuilds the config and runs :class:`PretrainRunner`: build the model
+(DDP over the worker group), restore the latest checkpoint if Ray Train hands one over (a
+restart after a failure, or a resumed run), then step through the stream. Decisions every rank
+must take together (epoch ended, loss non-finite, where the data is) are all-reduced once per
+step, so the ranks never disagree about when to call ``ray.train.report`` (a barrier).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moco_core.knn import knn_top1
+from moco_core.loss import ContrastiveLoss
+from moco_core.model import build_model
+from moco_core.photometric import normalize_batch, prepare_model_input
+from moco_core.schedules import build_lr_schedule, build_momentum_schedule
+from moco_core.training import ComputeSettings, build_optimizer, train_step
+from pipelines.console import format_duration, note
+from pipelines.ingest.dataset import quiet_ray_data
+from pipelines.pretrain.checkpoints import TrainingState, load_checkpoint, save_checkpoint, write_pointer
+from pipelines.pretrain.config import PretrainConfig, config_from_mapping
+from pipelines.pretrain.run_files import write_json
+from pipelines.pretrain.tracking import Tracker
+
+WORKER_SUMMARY = "worker_summary.json"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config``: ``{"config": <PretrainConfig as dict>, "run": {...}}``."""
+    quiet_ray_data()
+    config = config_from_mapping(loop_config["config"])
+    if config.training.torch_threads:
+        torch.set_num_threads(config.training.torch_threads)
+    PretrainRunner(config, loop_config["run"]).run()
+
+
+def compute_settings(config: PretrainConfig, device: torch.device) -> ComputeSettings:
+    """Autocast dtype and layout from ``training.precision`` / ``training.channels_last``."""
+    best = ComputeSettings.for_device(device)
+    dtype = {"auto": best.autocast_dtype, "bf16": torch.bfloat16, "fp32": None}[config.training.precision]
+    return ComputeSettings(autocast_dtype=dtype, channels_last=config.training.channels_last)
+
+
+@dataclass
+class _Window:
+    """Timing of the steps since the last log line."""
+
+    start: float = field(default_factory=time.perf_counter)
+    waiting: float = 0.0
+    steps: int = 0
+
+
+class PretrainRunner:
+    """One worker's share of a pretraining run.
+
+    Args:
+        config: the validated job config.
+        run: what the driver worked out: ``total_steps``, ``steps_per_epoch``, ``units_per_epoch``,
+            ``num_images``, ``run_dir``, ``ingest_state`` (actor handle), ``mlflow_run_id``,
+            ``tracking_uri``, ``has_knn`` (labelled eval data given), ``num_classes``,
+            ``config_dict`` (the resolved config, stored in checkpoints).
+    """
+
+    def __init__(self, config: PretrainConfig, run: dict[str, Any]):
+        self.config = config
+        self.run_info = run
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.augment = config.augment.resolve(on_gpu=self.device.type == "cuda")
+        self.settings = compute_settings(config, self.device)
+        torch.manual_seed(config.training.seed + self.rank)
+        self.total_steps: int = run["total_steps"]
+        self.units_per_epoch: int = run["units_per_epoch"]
+        self.run_dir: str = run["run_dir"]
+        local_metrics = Path(self.run_dir) / "metrics.jsonl" if self.rank == 0 and "://" not in self.run_dir else None
+        self.tracker = Tracker(run["tracking_uri"], config.tracking.enabled and self.rank == 0, local_metrics)
+        self.tracker.attach(run["mlflow_run_id"] if self.rank == 0 else None)
+
+        model = build_model(config.model, num_samples=run["num_images"])
+        if self.settings.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(self.model, config.optim.weight_decay, config.optim.sgd_momentum)
+        milestones = [int(round(epoch * run["steps_per_epoch"])) for epoch in config.optim.milestones]
+        self.lr = build_lr_schedule(
+            config.optim.schedule,
+            config.base_lr,
+            self.total_steps,
+            milestones=milestones,
+            gamma=config.optim.gamma,
+            every=config.optim.decay_every_steps,
+            warmup_steps=config.optim.warmup_steps,
+        )
+        self.momentum = build_momentum_schedule(config.momentum.schedule, config.momentum.base, self.total_steps)
+        self.state = TrainingState(mlflow_run_id=run["mlflow_run_id"])
+        self.restored = self._restore()
+        # DDP after restoring, so every rank starts from the same weights. Buffers (queue, BN
+        # statistics) are kept consistent by the algorithm itself, not broadcast every step.
+        self.ddp_model = (
+            ray.train.torch.prepare_model(
+                self.model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
+            )
+            if self.world > 1
+            else self.model
+        )
+        self.generator = torch.Generator().manual_seed(config.training.seed * 1000 + self.rank)
+
+    # ------------------------------------------------------------------ restore / checkpoint
+
+    def _restore(self) -> bool:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as directory:
+            self.state = load_checkpoint(Path(directory), self.model, self.optimizer)
+        if self.rank == 0:
+            note(f"resuming at step {self.state.step} (epoch {self.state.epoch}, data unit {self.state.data_position})")
+            ray.get(self.run_info["ingest_state"].set_resume_position.remote(self.state.data_position))
+        if self.world > 1:
+            dist.barrier()  # the stream must not start before the resume position is set
+        return True
+
+    def _report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
+        """All ranks call this together (ray.train.report is a barrier); rank 0 writes the checkpoint."""
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        name = f"checkpoint_step{self.state.step:09d}"
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if self.rank == 0:
+                save_checkpoint(Path(directory), self.model, self.optimizer, self.state, self.run_info["config_dict"])
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if self.rank == 0:  # report returned: the checkpoint is in storage and registered
+            write_pointer(self.run_dir, f"{self.run_dir.rstrip('/')}/train/{name}", self.state)
+
+    # ------------------------------------------------------------------ kNN monitor
+
+    def _knn_top1(self) -> float | None:
+        """kNN top-1 (percent) of the current backbone on the labelled eval data; rank 0 computes."""
+        if not self.run_info["has_knn"]:
+            return None
+        result = torch.zeros(1, device=self.device)
+        if self.rank == 0:
+            bank_features, bank_labels = self._features("knn_bank")
+            query_features, query_labels = self._features("knn_query")
+            result[0] = knn_top1(
+                bank_features,
+                bank_labels,
+                query_features,
+                query_labels,
+                num_classes=self.run_info["num_classes"],
+                k=self.config.eval.knn_k,
+                temperature=self.config.eval.knn_temperature,
+            )
+        if self.world > 1:
+            dist.broadcast(result, src=0)
+        return float(result[0])
+
+    @torch.no_grad()
+    def _features(self, dataset_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone = self.model.query_encoder.backbone
+        was_training = backbone.training
+        backbone.eval()
+        features, labels = [], []
+        try:
+            shard = ray.train.get_dataset_shard(dataset_name)
+            for batch in shard.iter_torch_batches(batch_size=self.config.eval.batch_size):
+                images = self.settings.prepare(normalize_batch(batch["image"].to(self.device)))
+                with self.settings.autocast(self.device):
+                    output = backbone(images)
+                features.append(F.normalize(output.float(), dim=1).cpu())
+                labels.append(batch["label"].cpu())
+        finally:
+            backbone.train(was_training)
+        return torch.cat(features), torch.cat(labels)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _agree(self, epoch: int, position: int, loss: torch.Tensor) -> tuple[int, int, bool]:
+        """(max epoch, min data position, any loss non-finite) over the ranks, in one all-reduce."""
+        non_finite = (~torch.isfinite(loss.detach())).to(torch.int64).reshape(1)
+        values = torch.cat([torch.tensor([epoch, -position], dtype=torch.int64, device=loss.device), non_finite])
+        if self.world > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        epoch, negative_position, flag = values.tolist()
+        return epoch, -negative_position, bool(flag)
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> ContrastiveLoss:
+        step = self.state.step
+        query = prepare_model_input(batch["query"].to(self.device, non_blocking=True), self.augment, self.generator)
+        key = prepare_model_input(batch["key"].to(self.device, non_blocking=True), self.augment, self.generator)
+        indices = batch["index"] if self.config.model.mechanism == "memory_bank" else None
+        return train_step(
+            self.ddp_model,
+            self.optimizer,
+            query,
+            key,
+            lr=self.lr(step),
+            momentum=self.momentum(step),
+            sample_indices=indices,
+            settings=self.settings,
+        )
+
+    def run(self) -> None:
+        config = self.config
+        if not self.restored and self.run_info["has_knn"]:
+            self.state.knn_top1_random_init = self._knn_top1()  # the same backbone before any training
+            if self.rank == 0:
+                note(f"kNN top-1 at random initialisation: {self.state.knn_top1_random_init:.2f}%")
+        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=config.per_worker_batch_size,
+            drop_last=True,
+            prefetch_batches=2,
+            local_shuffle_buffer_size=config.data.local_shuffle_buffer or None,
+            local_shuffle_seed=config.training.seed if config.data.local_shuffle_buffer else None,
+        )
+        iterator = iter(batches)
+        window, started, first_step = _Window(), time.perf_counter(), self.state.step
+        last: dict[str, float] = {}
+        stopped = ""
+        while self.state.step < self.total_steps:
+            waited = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            window.waiting += time.perf_counter() - waited
+            self._maybe_inject_failure()
+            result = self._step(batch)
+            self.state.step += 1
+            self.state.images_seen += config.optim.batch_size
+            window.steps += 1
+            epoch, position, non_finite = self._agree(
+                int(batch["epoch"].max()),
+                int((batch["epoch"] * self.units_per_epoch + batch["unit_position"]).min()),
+                result.loss,
+            )
+            if non_finite:
+                stopped = f"loss became non-finite at step {self.state.step}"
+                break
+            epoch_ended, final = epoch > self.state.epoch, self.state.step >= self.total_steps
+            if epoch_ended or final or self.state.step % config.training.log_every_steps == 0:
+                last = self._log_step(result, window, epoch)
+                window = _Window()
+            if epoch_ended and config.eval.every_epochs and epoch % config.eval.every_epochs == 0 and not final:
+                self._log_knn(epoch)
+            self.state.epoch, self.state.data_position = epoch, position
+            every = config.checkpoint.every_steps
+            if final or (every and self.state.step % every == 0) or (epoch_ended and config.checkpoint.at_epoch_end):
+                self._report(
+                    {"step": self.state.step, "epoch": epoch, "loss": last.get("loss", float("nan"))},
+                    with_checkpoint=True,
+                )
+        self._finish(stopped, first_step, started, last)
+
+    def _maybe_inject_failure(self) -> None:
+        fail_at = self.config.debug.fail_at_step
+        if fail_at and not self.restored and self.state.step == fail_at and self.rank == self.world - 1:
+            raise RuntimeError(f"injected failure at step {fail_at} (debug.fail_at_step)")
+
+    def _log_knn(self, epoch: int) -> None:
+        knn = self._knn_top1()
+        if self.rank == 0 and knn is not None:
+            self.tracker.log_metrics({"knn_top1": knn}, self.state.step)
+            note(f"epoch {epoch} reached: kNN top-1 {knn:.2f}%")
+
+    def _log_step(self, result: ContrastiveLoss, window: _Window, epoch: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        step = self.state.step - 1
+        metrics = {
+            "loss": result.loss.item(),
+            "pretext_top1": result.pretext_top1.item(),
+            "pretext_top5": result.pretext_top5.item(),
+            "lr": self.lr(step),
+            "momentum": self.momentum(step),
+            "images_per_s": window.steps * self.config.optim.batch_size / elapsed,
+            "data_wait_fraction": window.waiting / elapsed,
+            "epoch": float(epoch),
+        }
+        if self.rank == 0:
+            skipped = ray.get(self.run_info["ingest_state"].snapshot.remote())["skipped"]
+            metrics["skipped_images"] = float(skipped)
+            self.tracker.log_metrics(metrics, self.state.step)
+            remaining = (self.total_steps - self.state.step) * self.config.optim.batch_size / metrics["images_per_s"]
+            note(
+                f"step {self.state.step}/{self.total_steps} epoch {epoch} | {metrics['images_per_s']:.0f} img/s | "
+                f"loss {metrics['loss']:.4f} | pretext top-1 {metrics['pretext_top1']:.1f}% | lr {metrics['lr']:.4g} | "
+                f"m {metrics['momentum']:.4f} | data wait {100 * metrics['data_wait_fraction']:.0f}% | "
+                f"skipped {skipped} | ETA {format_duration(remaining)}"
+            )
+        return metrics
+
+    def _queue_identical(self) -> bool | None:
+        """Whether every rank holds the same key queue (it must: keys are gathered before enqueue)."""
+        queue = getattr(self.model, "queue", None)
+        if queue is None:
+            return None
+        checksum = torch.stack([queue.keys.double().sum(), queue.keys.double().square().sum(), queue.pointer.double()])
+        if self.world == 1:
+            return True
+        gathered = [torch.empty_like(checksum) for _ in range(self.world)]
+        dist.all_gather(gathered, checksum)
+        return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+    def _finish(self, stopped: str, first_step: int, started: float, last: dict[str, float]) -> None:
+        """Final kNN, then one last report; rank 0 writes the outcome to the run directory."""
+        knn = None if stopped else self._knn_top1()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        outcome: dict[str, Any] = {
+            "steps": self.state.step,
+            "epoch": self.state.epoch,
+            "images_seen": self.state.images_seen,
+            "images_per_s": (self.state.step - first_step) * self.config.optim.batch_size / elapsed,
+            "final_loss": last.get("loss"),
+            "pretext_top1": last.get("pretext_top1"),
+            "knn_top1": knn,
+            "knn_top1_random_init": self.state.knn_top1_random_init,
+            "stopped": stopped,
+        }
+        outcome["queue_identical_across_workers"] = self._queue_identical()
+        if self.rank == 0:
+            counts = ray.get(self.run_info["ingest_state"].snapshot.remote())
+            outcome.update(
+                skipped_images=counts["skipped"],
+                skipped_by_reason=counts["skipped_by_reason"],
+                converted_by_mode=counts["converted_by_mode"],
+            )
+            if knn is not None:
+                self.tracker.log_metrics({"knn_top1": knn}, self.state.step)
+            if stopped:
+                note(f"stopped: {stopped}; the last good checkpoint is kept")
+            write_json(self.run_dir, WORKER_SUMMARY, outcome)
+        ray.train.report({"steps": self.state.step})

@@ -1,0 +1,155 @@
+"""The pretraining job end to end on 2 CPU workers: DDP, queue, failures, resume, MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.cli import main
+from pipelines.config import ConfigError
+from pipelines.ingest.shards import build_shards
+from pipelines.pretrain.checkpoints import read_pointer
+from pipelines.pretrain.config import load_config
+from pipelines.pretrain.driver import RunFailed, load_run_for_resume, run_pretraining
+from tests.pipelines.fixtures import write_image_folder
+
+TINY = [
+    "model.arch=resnet18",
+    "model.small_image_stem=true",
+    "model.head=mlp",
+    "model.dim=16",
+    "model.queue_size=40",
+    "model.temperature=0.2",
+    "augment.size=16",
+    "augment.recipe=cifar",
+    "optim.batch_size=8",
+    "optim.lr=0.05",
+    "optim.schedule=cosine",
+    "training.epochs=2",
+    "training.log_every_steps=2",
+    "training.precision=fp32",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep=2",
+    "eval.every_epochs=1",
+    "eval.bank_size=40",
+    "eval.batch_size=16",
+    "scaling.workers=2",
+    "scaling.cpus_per_worker=0.5",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain_data")
+    write_image_folder(root / "train", {"a": 16, "b": 16}, start_seed=0)
+    write_image_folder(root / "val", {"a": 6, "b": 6}, start_seed=100)
+    build_shards([root / "train"], root / "shards_train", row_group_size=8, workers=1, show_progress=False)
+    build_shards([root / "val"], root / "shards_val", row_group_size=8, workers=1, show_progress=False)
+    return str(root / "shards_train"), str(root / "shards_val")
+
+
+def _config(tmp_path, *extra):
+    return load_config("demo", TINY + [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra])
+
+
+def _checkpoint_model(summary) -> dict:
+    return torch.load(Path(summary["checkpoint"]) / "model.pt", weights_only=True)["model"]
+
+
+def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards, tmp_path):
+    import mlflow
+
+    train, val = tiny_shards
+    summary = run_pretraining(_config(tmp_path), [train], str(tmp_path / "run"), val_data=[val])
+    assert summary["steps"] == summary["total_steps"] == 2 * (32 // 8)
+    assert summary["images_seen"] == 8 * summary["steps"]
+    assert summary["queue_identical_across_workers"] is True
+    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["knn_top1_random_init"] <= 100
+    assert summary["skipped_images"] == 0 and summary["stopped"] == ""
+    state = _checkpoint_model(summary)
+    assert int(state["queue.pointer"]) == (summary["steps"] * 8) % 40
+    assert any(key.startswith("momentum_encoder.") for key in state)
+    backbone = torch.load(summary["backbone"], weights_only=True)
+    assert "conv1.weight" in backbone and not any(key.startswith("fc.") for key in backbone)
+
+    client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.batch_size"] == "8" and run.data.params["scaling.workers"] == "2"
+    for metric in (
+        "loss",
+        "pretext_top1",
+        "lr",
+        "momentum",
+        "images_per_s",
+        "data_wait_fraction",
+        "skipped_images",
+        "knn_top1",
+    ):
+        assert metric in run.data.metrics, metric
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "backbone.pt", "curves.png", "metrics.jsonl", "checkpoint"} <= artifacts
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == summary["steps"]
+
+
+def test_injected_worker_failure_recovers_from_the_last_checkpoint(ray_cluster, tiny_shards, tmp_path):
+    train, _ = tiny_shards
+    config = _config(tmp_path, "debug.fail_at_step=5", "scaling.max_failures=1", "tracking.enabled=false")
+    summary = run_pretraining(config, [train], str(tmp_path / "run"))
+    assert summary["steps"] == summary["total_steps"] == 8
+    assert summary["images_seen"] == 8 * 8  # counted from the restored checkpoint on, not twice
+    assert summary["queue_identical_across_workers"] is True
+    assert int(_checkpoint_model(summary)["queue.pointer"]) == (8 * 8) % 40
+
+
+def test_resume_continues_a_stopped_run(ray_cluster, tiny_shards, tmp_path):
+    train, _ = tiny_shards
+    run_dir = str(tmp_path / "run")
+    config = _config(tmp_path, "debug.fail_at_step=5", "tracking.enabled=false")
+    # Checkpoints: every 2 steps, and when the first batch of epoch 1 arrives (step 5).
+    with pytest.raises(RunFailed, match=r"injected failure at step 5.*resume from step 5 with --resume"):
+        run_pretraining(config, [train], run_dir)
+    assert read_pointer(run_dir)["step"] == 5
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_pretraining(config, [train], run_dir)
+    resumed_config, inputs = load_run_for_resume(run_dir, ["debug.fail_at_step=0"])
+    summary = run_pretraining(resumed_config, inputs["data"], run_dir, resume=True)
+    assert summary["steps"] == 8 and int(_checkpoint_model(summary)["queue.pointer"]) == (8 * 8) % 40
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {row["step"] for row in lines} >= {2, 4, 6, 8}
+
+
+def test_tracking_server_down_does_not_stop_training(ray_cluster, tiny_shards, tmp_path, capfd):
+    train, _ = tiny_shards
+    config = load_config("demo", TINY + ["tracking.uri=http://127.0.0.1:9", "training.epochs=1"])
+    summary = run_pretraining(config, [train], str(tmp_path / "run"))
+    assert summary["steps"] == 4 and summary["mlflow_run_id"] is None
+    assert "MLflow" in capfd.readouterr().err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"loss"') >= 2
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--set", "optim.lrr=0.1"], "unknown key optim.lrr"),
+        (["--set", "optim.lr=-1"], "optim.lr=-1.0 is invalid"),
+        (["--set", "model.arch=vgg"], "model.arch='vgg' is invalid"),
+        (["--workers", "3"], "multiple of scaling.workers=3"),
+        (["--recipe", "nope"], "unknown recipe 'nope'"),
+    ],
+)
+def test_bad_configs_are_rejected_before_ray_starts(arguments, message, tmp_path, capsys):
+    import ray
+
+    base = {"--recipe": "demo", "--data": str(tmp_path), "--output": str(tmp_path / "out")}
+    for flag in ("--recipe",):
+        if flag in arguments:
+            base.pop(flag)
+    argv = ["pretrain", *[item for pair in base.items() for item in pair], *arguments]
+    was_running = ray.is_initialized()
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0] and "Traceback" not in error[0]
+    assert ray.is_initialized() == was_running
