@@ -4,13 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench-step clean
+.PHONY: demo test lint bench-step clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+## demo: the main job on an embedded default: digits shards, pretraining on local Ray, kNN vs random init
+demo: $(STAMP)
+	$(BIN)/moco demo
 
 ## test: lint, type-check moco_core, then run the whole test suite
 test: lint

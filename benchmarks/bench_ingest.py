@@ -16,9 +16,7 @@ this machine's CPU is reported per image, as ``consumer_ms_per_img``).
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,10 +25,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_info
-from benchmarks.corpus import build_corpus
+from benchmarks.corpus import corpus_with_shards
 from moco_core.augment import AugmentConfig
 from moco_core.photometric import prepare_model_input
-from pipelines.console import Progress, note
+from pipelines.console import Progress
 from pipelines.ingest.dataset import quiet_ray_data
 
 
@@ -162,13 +160,7 @@ def run_ingest_benchmark(
     """Build (or reuse) the corpus and its shards, then measure (a), (b) and (c) at each size."""
     import ray
 
-    from pipelines.ingest.shards import build_shards
-
-    work = Path(work_dir or os.path.join(tempfile.gettempdir(), "moco-bench-ingest"))
-    corpus = build_corpus(work / f"corpus-{num_images}", num_images)
-    shards_dir = work / f"shards-{num_images}"
-    shard_report = build_shards([corpus["path"]], str(shards_dir), show_progress=False)
-    note(f"bench ingest: corpus {corpus['num_images']} JPEGs, mean {corpus['mean_kb']} KB; shards in {shards_dir}")
+    corpus, shards_dir = corpus_with_shards(work_dir, num_images)
     raw_images = _load_image_bytes(corpus["path"], single_process_images)
 
     results: dict = {
@@ -180,7 +172,7 @@ def run_ingest_benchmark(
             "epochs": epochs,
             "recipe": "v2",
             "corpus_mean_kb": corpus["mean_kb"],
-            "shards": str(shards_dir),
+            "shards": shards_dir,
         },
         "machine": machine_info(torch.device("cpu")),
         "by_size": {},
@@ -194,8 +186,8 @@ def run_ingest_benchmark(
             official = official_loader_throughput(corpus["path"], size, workers, batch_size, epochs)
             single = single_process_throughput(raw_images, cpu_config)
             single_device = single_process_throughput(raw_images, device_config)
-            ray_cpu = ray_pipeline_throughput(str(shards_dir), cpu_config, workers, batch_size, epochs)
-            ray_device = ray_pipeline_throughput(str(shards_dir), device_config, workers, batch_size, epochs)
+            ray_cpu = ray_pipeline_throughput(shards_dir, cpu_config, workers, batch_size, epochs)
+            ray_device = ray_pipeline_throughput(shards_dir, device_config, workers, batch_size, epochs)
             results["by_size"][str(size)] = {
                 "official_img_per_s": round(official, 1),
                 "single_process_img_per_s": round(single, 1),
@@ -215,5 +207,4 @@ def run_ingest_benchmark(
     headline = results["by_size"][str(sizes[0])]
     results["ratio"] = headline["ratio"]
     results["efficiency"] = headline["efficiency"]
-    results["shards"] = {"num_images": shard_report.num_images, "num_shards": shard_report.num_shards}
     return results

@@ -12,6 +12,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     benches = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     _add_step(benches, common)
     _add_ingest(benches, common)
+    _add_train(benches, common)
 
     def missing(args: argparse.Namespace) -> dict:
         bench.print_help()
@@ -97,7 +98,7 @@ def _add_ingest(benches: argparse._SubParsersAction, common: argparse.ArgumentPa
         "ratio = (c)/(a); efficiency = (c)/((b) x workers).",
     )
     parser.add_argument(
-        "--work-dir", default=None, help="where the corpus and shards are kept (default: <tmp>/moco-bench-ingest)"
+        "--work-dir", default=None, help="where the corpus and shards are kept (default: <tmp>/moco-bench)"
     )
     parser.add_argument("--num-images", type=positive_int, default=2000, help="corpus size (default: 2000)")
     parser.add_argument(
@@ -128,4 +129,41 @@ def _run_ingest(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         epochs=args.epochs,
         single_process_images=args.single_process_images,
+    )
+
+
+def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = benches.add_parser(
+        "train",
+        parents=[common],
+        help="the Ray Train pretraining job vs a bare train_step loop fed by a DataLoader",
+        description="On the same corpus, model, augmentation, batch and threads, measure steady-state images/s "
+        "of moco_core.train_step fed by a torch DataLoader (1 loader worker) and of the moco pretrain Ray Train "
+        "job (1 worker, 1 Ray Data reader). ratio = Ray job / bare loop.",
+    )
+    parser.add_argument(
+        "--work-dir", default=None, help="where the corpus and shards are kept (default: <tmp>/moco-bench)"
+    )
+    parser.add_argument("--num-images", type=positive_int, default=2000, help="corpus size (default: 2000)")
+    parser.add_argument("--size", type=positive_int, default=64, help="view size in px (default: 64)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
+    parser.add_argument("--steps", type=positive_int, default=60, help="timed steps (default: 60)")
+    parser.add_argument("--warmup", type=positive_int, default=10, help="untimed steps first (default: 10)")
+    parser.add_argument(
+        "--threads", type=positive_int, default=2, help="torch threads of the training loop (default: 2)"
+    )
+    parser.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> dict:
+    from benchmarks.bench_train import run_train_benchmark
+
+    return run_train_benchmark(
+        work_dir=args.work_dir,
+        num_images=args.num_images,
+        size=args.size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=args.threads,
     )

@@ -100,3 +100,23 @@ def build_corpus(output_dir: str | os.PathLike, num_images: int = 2000, seed: in
         "mean_kb": round(float(np.mean(sizes)) / 1024, 1),
         "photos": names,
     }
+
+
+def default_work_dir() -> Path:
+    """Where benchmark corpora and shards are kept between runs."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "moco-bench"
+
+
+def corpus_with_shards(work_dir: str | os.PathLike | None, num_images: int) -> tuple[dict, str]:
+    """The corpus (built once) and its ``moco shard`` shards (built once): (corpus info, shards path)."""
+    from pipelines.console import note
+    from pipelines.ingest.shards import build_shards
+
+    work = Path(work_dir) if work_dir else default_work_dir()
+    corpus = build_corpus(work / f"corpus-{num_images}", num_images)
+    shards = work / f"shards-{num_images}"
+    build_shards([corpus["path"]], str(shards), show_progress=False)
+    note(f"benchmark corpus: {corpus['num_images']} JPEGs, mean {corpus['mean_kb']} KB; shards in {shards}")
+    return corpus, str(shards)

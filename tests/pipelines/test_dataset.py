@@ -127,3 +127,13 @@ def _spilled_files() -> list:
     return [
         path for directory in session.glob("ray_spilled_objects*") for path in directory.rglob("*") if path.is_file()
     ]
+
+
+def test_a_restarted_stream_passes_over_units_before_the_resume_position(ray_cluster, parquet_collection):
+    dataset, ingest_state = build_view_dataset(parquet_collection, SMALL_VIEWS, end_epoch=2, seed=2, shuffle=False)
+    units = len(parquet_collection.units)  # 9 units per epoch: 8, 8, 4 rows per shard
+    ray.get(ingest_state.set_resume_position.remote(units + 3))  # epoch 1, fourth unit
+    rows = _rows(dataset)
+    assert {int(row["epoch"]) for row in rows} == {1}
+    assert min(int(row["unit_position"]) for row in rows) == 3
+    assert ray.get(ingest_state.snapshot.remote())["delivered"] == len(rows) == 60 - (8 + 8 + 4)
