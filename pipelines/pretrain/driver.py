@@ -212,7 +212,6 @@ def run_pretraining(
         "tracking_uri": tracking_uri,
         "has_knn": knn_sets is not None,
         "num_classes": max(len(train.class_names), len(val.class_names) if val else 0) or None,
-        "config_dict": config_dict,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -251,6 +250,7 @@ def run_pretraining(
     last = read_pointer(output)
     summary = {
         **outcome,
+        "epochs": round(outcome.get("images_seen", 0) / max(train.num_images or 1, 1), 3),
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "num_images": train.num_images,

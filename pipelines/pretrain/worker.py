@@ -31,7 +31,7 @@ from moco_core.training import ComputeSettings, build_optimizer, train_step
 from pipelines.console import format_duration, note
 from pipelines.ingest.dataset import quiet_ray_data
 from pipelines.pretrain.checkpoints import TrainingState, load_checkpoint, save_checkpoint, write_pointer
-from pipelines.pretrain.config import PretrainConfig, config_from_mapping
+from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict
 from pipelines.pretrain.run_files import write_json
 from pipelines.pretrain.tracking import Tracker
 
@@ -70,8 +70,7 @@ class PretrainRunner:
         config: the validated job config.
         run: what the driver worked out: ``total_steps``, ``steps_per_epoch``, ``units_per_epoch``,
             ``num_images``, ``run_dir``, ``ingest_state`` (actor handle), ``mlflow_run_id``,
-            ``tracking_uri``, ``has_knn`` (labelled eval data given), ``num_classes``,
-            ``config_dict`` (the resolved config, stored in checkpoints).
+            ``tracking_uri``, ``has_knn`` (labelled eval data given), ``num_classes``.
     """
 
     def __init__(self, config: PretrainConfig, run: dict[str, Any]):
@@ -143,7 +142,7 @@ class PretrainRunner:
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
-                save_checkpoint(Path(directory), self.model, self.optimizer, self.state, self.run_info["config_dict"])
+                save_checkpoint(Path(directory), self.model, self.optimizer, self.state, config_to_dict(self.config))
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         if self.rank == 0:  # report returned: the checkpoint is in storage and registered

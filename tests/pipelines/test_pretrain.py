@@ -143,13 +143,30 @@ def test_tracking_server_down_does_not_stop_training(ray_cluster, tiny_shards, t
 def test_bad_configs_are_rejected_before_ray_starts(arguments, message, tmp_path, capsys):
     import ray
 
-    base = {"--recipe": "demo", "--data": str(tmp_path), "--output": str(tmp_path / "out")}
-    for flag in ("--recipe",):
-        if flag in arguments:
-            base.pop(flag)
-    argv = ["pretrain", *[item for pair in base.items() for item in pair], *arguments]
+    recipe = [] if "--recipe" in arguments else ["--recipe", "demo"]
+    argv = ["pretrain", *recipe, "--data", str(tmp_path), "--output", str(tmp_path / "out"), *arguments]
     was_running = ray.is_initialized()
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0] and "Traceback" not in error[0]
     assert ray.is_initialized() == was_running
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cluster, tiny_shards, tmp_path):
+    train, _ = tiny_shards
+    run_dir = str(tmp_path / "run")
+    # lr 0.05 for two steps (checkpointed at step 2), then x1e30: the loss becomes inf/NaN.
+    config = _config(
+        tmp_path,
+        "optim.schedule=step",
+        "optim.lr=0.05",
+        "optim.milestones=[0.5]",
+        "optim.gamma=1.0e30",
+        "tracking.enabled=false",
+        "training.epochs=4",
+    )
+    with pytest.raises(RunFailed, match=r"loss became non-finite at step \d+; the last good checkpoint is .*step"):
+        run_pretraining(config, [train], run_dir)
+    pointer = read_pointer(run_dir)
+    saved = torch.load(Path(pointer["path"]) / "model.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(value).all() for value in saved.values() if value.is_floating_point())
