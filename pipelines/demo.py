@@ -1,14 +1,22 @@
 """``moco demo``: the whole main job on data every machine has, in a few minutes on 2 CPU cores.
 
-Builds Parquet shards of scikit-learn's handwritten digits (1,797 real 8x8 scans, upscaled to
-32 px; every fifth image held out as labelled validation data), pretrains with the ``demo``
+Builds Parquet shards of a small real dataset available offline, pretrains with the ``demo``
 recipe on a local Ray cluster, and reports the kNN top-1 of the pretrained backbone against the
-same backbone at random initialisation.
+same backbone at random initialisation. Two datasets:
+
+* ``photos`` (default): 32 px crops of the real photographs shipped in scikit-learn, matplotlib
+  and scikit-image (``pipelines.sample_photos``), 150 training and 30 validation crops per
+  photo, labelled by photo. Telling which photo a small crop comes from takes the texture and
+  colour features MoCo learns: kNN rises from ~57% at random initialisation to ~70% in 8 epochs.
+* ``digits``: scikit-learn's 1,797 handwritten digits (8x8 scans upscaled to 32 px, every fifth
+  held out). Raw pixels already separate them, so random-init kNN is ~81% and 8 epochs of MoCo
+  do not move it: a check of the machinery rather than of what MoCo learns.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +27,34 @@ from pipelines.console import note
 DEMO_SIZE = 32
 
 
+PHOTO_CROPS = {"train": 150, "val": 30}
+
+
+def write_photo_crops(root: Path) -> tuple[Path, Path]:
+    """``root/{train,val}/<photo>/<n>.png``: random square crops of 20-50% of the shorter side."""
+    from pipelines.sample_photos import source_photos
+
+    rng = np.random.default_rng(0)
+    for name, photo in sorted(source_photos().items()):
+        width, height = photo.size
+        for split, count in PHOTO_CROPS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                side = int(min(width, height) * rng.uniform(0.2, 0.5))
+                left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+                crop = photo.resize(
+                    (DEMO_SIZE, DEMO_SIZE), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+                )
+                crop.save(folder / f"{index:04d}.png")
+    return root / "train", root / "val"
+
+
 def write_digit_folders(root: Path) -> tuple[Path, Path]:
-    """``root/images/{train,val}/<digit>/<n>.png``; returns the two folders (kept if present)."""
+    """``root/{train,val}/<digit>/<n>.png``."""
     from sklearn.datasets import load_digits
 
-    train_dir, val_dir = root / "images" / "train", root / "images" / "val"
-    if train_dir.exists() and val_dir.exists():
-        return train_dir, val_dir
+    train_dir, val_dir = root / "train", root / "val"
     digits = load_digits()
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
         folder = (val_dir if index % 5 == 0 else train_dir) / str(label)
@@ -36,12 +65,21 @@ def write_digit_folders(root: Path) -> tuple[Path, Path]:
     return train_dir, val_dir
 
 
-def build_demo_shards(root: Path) -> tuple[str, str]:
-    """Shards of the demo digits (reused on a rerun): (train shards, validation shards)."""
+DATASETS = {"photos": write_photo_crops, "digits": write_digit_folders}
+
+
+def build_demo_shards(root: Path, dataset: str) -> tuple[str, str]:
+    """Shards of a demo dataset (images and shards are reused on a rerun): (train, validation)."""
     from pipelines.ingest.shards import build_shards
 
-    train_dir, val_dir = write_digit_folders(root)
-    shards = root / "shards"
+    images = root / dataset / "images"
+    if not images.exists():
+        partial = images.with_name("images.partial")  # an interrupted build is never reused
+        shutil.rmtree(partial, ignore_errors=True)
+        DATASETS[dataset](partial)
+        partial.rename(images)
+    train_dir, val_dir = images / "train", images / "val"
+    shards = root / dataset / "shards"
     build_shards([train_dir], shards / "train", images_per_shard=512, row_group_size=64, show_progress=False)
     build_shards([val_dir], shards / "val", images_per_shard=512, row_group_size=64, show_progress=False)
     return str(shards / "train"), str(shards / "val")
@@ -53,9 +91,16 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     parser = commands.add_parser(
         "demo",
         parents=[common],
-        help="the main job end to end on handwritten digits (a few minutes on 2 CPU cores)",
-        description="Build shards of scikit-learn's digits, pretrain with the demo recipe on a local Ray "
-        "cluster, and report kNN top-1 of the pretrained vs the randomly initialised backbone.",
+        help="the main job end to end on a small offline dataset (a few minutes on 2 CPU cores)",
+        description="Build shards of a small real dataset available offline, pretrain with the demo recipe on "
+        "a local Ray cluster, and report kNN top-1 of the pretrained vs the randomly initialised backbone.",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="photos",
+        help="photos: crops of the photos shipped in scikit-learn/matplotlib/scikit-image, labelled by photo; "
+        "digits: scikit-learn's handwritten digits (default: photos)",
     )
     parser.add_argument("--work-dir", default="outputs/demo", help="data and run directory (default: outputs/demo)")
     parser.add_argument("--epochs", type=positive_int, help="override the demo recipe's epochs")
@@ -79,13 +124,13 @@ def _run(args: argparse.Namespace) -> dict:
     root = Path(args.work_dir).resolve()
     overrides = args.overrides + ([f"training.epochs={args.epochs}"] if args.epochs else [])
     config = load_config("demo", overrides)
-    note(f"demo: building shards of scikit-learn's digits in {root / 'shards'}")
-    train, val = build_demo_shards(root)
+    note(f"demo: building shards of the {args.dataset} dataset in {root / args.dataset / 'shards'}")
+    train, val = build_demo_shards(root, args.dataset)
     run_dir = root / "runs" / time.strftime("%Y%m%d-%H%M%S")
     summary = run_pretraining(config, [train], str(run_dir), val_data=[val])
     note("")
     note(
-        f"kNN top-1 on held-out digits: {summary['knn_top1']:.1f}% after pretraining, "
+        f"kNN top-1 on held-out {args.dataset}: {summary['knn_top1']:.1f}% after pretraining, "
         f"{summary['knn_top1_random_init']:.1f}% at random initialisation"
     )
     note(f"checkpoints: {run_dir / 'train'}   backbone: {summary.get('backbone')}")
