@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moco_core import distributed
@@ -99,6 +100,24 @@ class _SplitBatchNormFunction(torch.autograd.Function):
         )
 
 
+def _split_batch_norm_by_blocks(input, weight, bias, running_means, running_vars, momentum, eps, num_splits):  # noqa: ANN001
+    """Per-block ``F.batch_norm`` and a concatenation: the reference form of split BatchNorm."""
+    blocks = [
+        F.batch_norm(
+            block,
+            None if running_means is None else running_means[index],
+            None if running_vars is None else running_vars[index],
+            weight,
+            bias,
+            True,
+            momentum,
+            eps,
+        )
+        for index, block in enumerate(input.chunk(num_splits))
+    ]
+    return torch.cat(blocks)
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics come from ``num_splits`` equal sub-batches.
 
@@ -131,20 +150,22 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             )
         momentum = 0.1 if self.momentum is None else self.momentum
         running_mean, running_var = self.running_mean, self.running_var
-        if not self.track_running_stats or running_mean is None or running_var is None:
-            return _SplitBatchNormFunction.apply(
-                input, self.weight, self.bias, None, None, momentum, self.eps, self.num_splits
-            )
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        running_means = running_mean.repeat(self.num_splits, 1)  # S x C, updated per block
-        running_vars = running_var.repeat(self.num_splits, 1)  # S x C
-        output = _SplitBatchNormFunction.apply(
-            input, self.weight, self.bias, running_means, running_vars, momentum, self.eps, self.num_splits
-        )
-        with torch.no_grad():
-            running_mean.copy_(running_means.mean(dim=0))
-            running_var.copy_(running_vars.mean(dim=0))
+        running_means = running_vars = None
+        if self.track_running_stats and running_mean is not None and running_var is not None:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            running_means = running_mean.repeat(self.num_splits, 1)  # S x C, updated per block
+            running_vars = running_var.repeat(self.num_splits, 1)  # S x C
+        arguments = (self.weight, self.bias, running_means, running_vars, momentum, self.eps, self.num_splits)
+        if input.device.type == "cpu":
+            output = _SplitBatchNormFunction.apply(input, *arguments)
+        else:
+            # The fused out= path was measured and tested on CPUs; elsewhere the plain per-block form.
+            output = _split_batch_norm_by_blocks(input, *arguments)
+        if running_means is not None and running_vars is not None:
+            with torch.no_grad():
+                running_mean.copy_(running_means.mean(dim=0))  # type: ignore[union-attr]
+                running_var.copy_(running_vars.mean(dim=0))  # type: ignore[union-attr]
         return output
 
 

@@ -170,3 +170,19 @@ def _resolved_mode() -> str:
     from moco_core.batchnorm import resolve_batchnorm_mode
 
     return resolve_batchnorm_mode("auto")
+
+
+def test_fused_and_reference_split_bn_agree_including_running_statistics():
+    from moco_core.batchnorm import _split_batch_norm_by_blocks, _SplitBatchNormFunction
+
+    torch.manual_seed(6)
+    x = torch.randn(12, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(4) + 0.5, torch.randn(4)
+    outputs, statistics = [], []
+    for function in (_SplitBatchNormFunction.apply, _split_batch_norm_by_blocks):
+        means, variances = torch.zeros(3, 4), torch.ones(3, 4)
+        outputs.append(function(x, weight, bias, means, variances, 0.1, 1e-5, 3))
+        statistics.append((means, variances))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    torch.testing.assert_close(statistics[0][0], statistics[1][0])
+    torch.testing.assert_close(statistics[0][1], statistics[1][1])
