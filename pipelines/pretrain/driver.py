@@ -35,10 +35,11 @@ from pipelines.ingest.sources import Collection, ColumnNames, check_decodable, p
 from pipelines.ingest.views import EvalViewFunction, TwoViewFunction
 from pipelines.pretrain.checkpoints import POINTER_NAME, read_pointer
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
-from pipelines.pretrain.run_files import read_json, write_json
+from pipelines.pretrain.run_files import read_json, read_text, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
 
 RUN_INPUTS = "run.json"
+CONFIG_FILE = "config.yaml"
 SUMMARY = "summary.json"
 
 
@@ -153,8 +154,7 @@ def run_pretraining(
 
     local_output = Path(output) if "://" not in output else None
     write_json(output, RUN_INPUTS, {"data": data, "val_data": val_data, "scaling": config_dict["scaling"]})
-    if local_output is not None:
-        (local_output / "config.yaml").write_text(yaml.safe_dump(config_dict, sort_keys=False))
+    write_text(output, CONFIG_FILE, yaml.safe_dump(config_dict, sort_keys=False))
 
     tracking_uri = config.tracking.uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, config.tracking.enabled)
@@ -342,11 +342,10 @@ def load_run_for_resume(output: str, overrides: list[str]) -> tuple[PretrainConf
     """
     from pipelines.config import apply_overrides
 
-    inputs = read_json(output, RUN_INPUTS)
-    config_path = Path(output) / "config.yaml"
-    if inputs is None or not config_path.exists() or read_pointer(output) is None:
-        raise ConfigError(f"{output} holds no run to resume (needs config.yaml, {RUN_INPUTS} and a checkpoint)")
-    data = apply_overrides(yaml.safe_load(config_path.read_text()), overrides)
+    inputs, config_text = read_json(output, RUN_INPUTS), read_text(output, CONFIG_FILE)
+    if inputs is None or config_text is None or read_pointer(output) is None:
+        raise ConfigError(f"{output} holds no run to resume (needs {CONFIG_FILE}, {RUN_INPUTS} and a checkpoint)")
+    data = apply_overrides(yaml.safe_load(config_text), overrides)
     return config_from_mapping(data), inputs
 
 

@@ -1,4 +1,4 @@
-"""Small JSON files in a run directory (a local path or a pyarrow URI), written atomically."""
+"""Small files in a run directory (a local path or a pyarrow URI), written atomically."""
 
 from __future__ import annotations
 
@@ -11,21 +11,30 @@ import pyarrow.fs as pafs
 from pipelines.ingest.sources import resolve_filesystem
 
 
-def write_json(run_dir: str, name: str, data: Any) -> None:
-    """Write ``data`` to ``run_dir/name`` through a temporary file and a rename."""
+def write_text(run_dir: str, name: str, text: str) -> None:
+    """Write ``text`` to ``run_dir/name`` through a temporary file and a rename."""
     filesystem, base = resolve_filesystem(run_dir)
     filesystem.create_dir(base, recursive=True)
     temporary = posixpath.join(base, f".{name}.tmp")
     with filesystem.open_output_stream(temporary) as stream:
-        stream.write(json.dumps(data, indent=2).encode())
+        stream.write(text.encode())
     filesystem.move(temporary, posixpath.join(base, name))
 
 
-def read_json(run_dir: str, name: str) -> Any | None:
-    """The JSON in ``run_dir/name``, or None when the file does not exist."""
+def read_text(run_dir: str, name: str) -> str | None:
+    """The text of ``run_dir/name``, or None when the file does not exist."""
     filesystem, base = resolve_filesystem(run_dir)
     path = posixpath.join(base, name)
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         return None
     with filesystem.open_input_stream(path) as stream:
-        return json.loads(stream.read().decode())
+        return stream.read().decode()
+
+
+def write_json(run_dir: str, name: str, data: Any) -> None:
+    write_text(run_dir, name, json.dumps(data, indent=2))
+
+
+def read_json(run_dir: str, name: str) -> Any | None:
+    text = read_text(run_dir, name)
+    return None if text is None else json.loads(text)
