@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -177,6 +178,8 @@ def quiet_ray_data() -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Raised by Ray Train's own default ingest options; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*deprecated")
 
 
 def build_view_dataset(
