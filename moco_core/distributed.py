@@ -43,6 +43,23 @@ def all_gather_concat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
+class _AllGatherConcat(torch.autograd.Function):
+    """Concatenation of every rank's tensor; the backward sums each slice's gradient over ranks
+    (every rank's loss used every slice) and hands each rank its own."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.batch = tensor.shape[0]
+        return all_gather_concat(tensor)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = rank() * ctx.batch
+        return grad[start : start + ctx.batch]
+
+
 def all_gather_concat_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Like :func:`all_gather_concat`, but gradients flow back to each rank's own slice.
 
@@ -50,9 +67,7 @@ def all_gather_concat_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _AllGatherConcat.apply(tensor)
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

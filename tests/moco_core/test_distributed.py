@@ -61,3 +61,18 @@ def test_memory_bank_is_updated_identically_on_every_rank(tmp_path):
     torch.manual_seed(0)
     untouched = MemoryBankModel(TinyEncoder(), num_samples=8, num_negatives=4, temperature=0.2).memory_bank.features
     assert (first != untouched).any(dim=1).all()  # both ranks' rows were refreshed everywhere
+
+
+def _gather_gradient_worker() -> torch.Tensor:
+    x = torch.full((2, 3), float(distributed.rank() + 1), requires_grad=True)
+    gathered = distributed.all_gather_concat_with_grad(x)  # 4 x 3: rank 0's rows, then rank 1's
+    weights = torch.arange(4, dtype=torch.float32)[:, None] * (distributed.rank() + 1)
+    (gathered * weights).sum().backward()
+    return x.grad
+
+
+def test_gather_with_grad_sums_each_slices_gradient_over_ranks(tmp_path):
+    first, second = run_distributed(_gather_gradient_worker, tmp_path)
+    # Row i of the gathered tensor gets weight i on rank 0 and 2i on rank 1: 3i in total.
+    torch.testing.assert_close(first, torch.tensor([[0.0] * 3, [3.0] * 3]))
+    torch.testing.assert_close(second, torch.tensor([[6.0] * 3, [9.0] * 3]))
