@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.ingest.schema import SkippedFile
-from pipelines.ingest.webdataset import IMAGE_EXTENSIONS, split_member_name
+from pipelines.ingest.webdataset import IMAGE_EXTENSIONS, is_image_file_name, split_member_name
 
 _INTEGER_LABEL = re.compile(r"[+-]?\d+")
 
@@ -98,10 +98,6 @@ def list_sources(
     return listings
 
 
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1][1:].lower() in IMAGE_EXTENSIONS
-
-
 def _list_folder(root: Path, exclude_real: str | None) -> SourceListing:
     """A folder with subfolders is a class layout (top-level images stay unlabeled); else flat."""
     listing = SourceListing()
@@ -155,8 +151,7 @@ def _walk_class_folder(
 
 
 def _add_file(listing: SourceListing, root: Path, relative: str, name: str, class_name: str | None) -> None:
-    # Hidden files include macOS "._x.jpg" resource forks, which are not images.
-    if name.startswith(".") or not _is_image_name(name):
+    if not is_image_file_name(name):
         listing.ignore(relative)
         return
     listing.files.append((str(root / relative), os.path.splitext(relative)[0], class_name))

@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 
 from pipelines.ingest import webdataset
 from pipelines.ingest.schema import MANIFEST_NAME, Manifest
+from pipelines.ingest.webdataset import is_image_file_name
 
 Layout = Literal["auto", "moco", "parquet", "webdataset", "folder"]
 LAYOUTS: tuple[str, ...] = ("auto", "moco", "parquet", "webdataset", "folder")
-IMAGE_FILE_EXTENSIONS: tuple[str, ...] = tuple(f".{ext}" for ext in webdataset.IMAGE_EXTENSIONS)
 #: Column names tried, in order, when none is given.
 IMAGE_COLUMN_CANDIDATES: tuple[str, ...] = ("image", "jpg", "jpeg", "png", "webp", "img")
 LABEL_COLUMN_CANDIDATES: tuple[str, ...] = ("label", "cls", "labels")
@@ -327,19 +327,21 @@ def _plan_tars(uris: list[str]) -> Collection:
 
 
 def _plan_folders(entries: list[tuple[str, pafs.FileSystem, str]]) -> Collection:
-    """Class subfolders (every image below the top level sits in a subfolder) give labels."""
+    """As ``moco shard`` reads folders: subfolders are classes (sorted names), images directly in
+    the top folder stay unlabeled, hidden files and folders are not images."""
     listed: list[tuple[str, str]] = []  # (uri, relative path)
     for uri, filesystem, path in entries:
         if _file_type(filesystem, path) == pafs.FileType.File:
             listed.append((uri, posixpath.basename(path)))
             continue
         for info in _list_files(filesystem, path, recursive=True):
-            if info.path.lower().endswith(IMAGE_FILE_EXTENSIONS):
-                listed.append((_uri_for(uri, filesystem, info.path), posixpath.relpath(info.path, path)))
-    labelled = bool(listed) and all("/" in relative for _, relative in listed)
-    class_names = tuple(sorted({relative.split("/", 1)[0] for _, relative in listed})) if labelled else ()
+            relative = posixpath.relpath(info.path, path)
+            hidden = any(part.startswith(".") for part in relative.split("/"))
+            if is_image_file_name(posixpath.basename(relative)) and not hidden:
+                listed.append((_uri_for(uri, filesystem, info.path), relative))
+    class_names = tuple(sorted({relative.split("/", 1)[0] for _, relative in listed if "/" in relative}))
     class_index = {name: index for index, name in enumerate(class_names)}
-    files = tuple((uri, class_index[relative.split("/", 1)[0]] if labelled else -1) for uri, relative in listed)
+    files = tuple((uri, class_index[relative.split("/", 1)[0]] if "/" in relative else -1) for uri, relative in listed)
     units = tuple(
         ReadUnit(
             "files",

@@ -9,6 +9,12 @@ from typing import IO
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
+def is_image_file_name(name: str) -> bool:
+    """An image by extension, and not hidden (macOS ``._x.jpg`` resource forks are not images)."""
+    stem, dot, extension = name.rpartition(".")
+    return bool(dot and stem) and not name.startswith(".") and extension.lower() in IMAGE_EXTENSIONS
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """``dir/000123.jpg`` -> (``dir/000123``, ``jpg``); the key ends at the first dot of the basename."""
     directory, _, basename = name.rpartition("/")
