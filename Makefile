@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## demo: the main job on an embedded default: digits shards, pretraining on local Ray, kNN vs random init
+## demo: the main job on an embedded default: photo-crop shards, pretraining on local Ray, kNN vs random init
 demo: $(STAMP)
 	$(BIN)/moco demo
 

@@ -86,7 +86,7 @@ def build_demo_shards(root: Path, dataset: str) -> tuple[str, str]:
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from pipelines.cli_common import positive_int
+    from pipelines.cli_common import add_overrides_option, positive_int
 
     parser = commands.add_parser(
         "demo",
@@ -104,14 +104,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     parser.add_argument("--work-dir", default="outputs/demo", help="data and run directory (default: outputs/demo)")
     parser.add_argument("--epochs", type=positive_int, help="override the demo recipe's epochs")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key of the demo recipe (repeatable)",
-    )
+    add_overrides_option(parser, "override a config key of the demo recipe (repeatable)")
     parser.set_defaults(handler=_run)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -158,7 +159,9 @@ class UnitReader:
         return block
 
 
-_readers: dict[str, UnitReader] = {}
+#: readers of the streams this worker process served lately (a sweep builds many streams)
+_readers: OrderedDict[str, UnitReader] = OrderedDict()
+_READERS_KEPT = 4
 
 
 def _read_plan_rows(batch: dict[str, np.ndarray], reader_id: str, shared: list, settings: dict) -> Iterator[dict]:
@@ -168,6 +171,9 @@ def _read_plan_rows(batch: dict[str, np.ndarray], reader_id: str, shared: list, 
         # Refs nested in a list are not resolved by Ray: fetched here once per worker process.
         plan, units = ray.get(shared[0]), ray.get(shared[1])
         reader = _readers[reader_id] = UnitReader(plan, units, **settings)
+        while len(_readers) > _READERS_KEPT:
+            _readers.popitem(last=False)
+    _readers.move_to_end(reader_id)
     for plan_row in batch["id"]:
         yield from reader.read(int(plan_row))
 

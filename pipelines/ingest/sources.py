@@ -364,8 +364,8 @@ class ReadProblems:
     counts: dict[str, int] = field(default_factory=dict)
     first_error: str = ""
 
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
+    def add(self, reason: str, where: str, count: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + count
         if not self.first_error:
             self.first_error = f"{where}: {reason}"
 
@@ -394,8 +394,7 @@ def _read_row_group(unit: ReadUnit, columns: ColumnNames, problems: ReadProblems
         with filesystem.open_input_file(path) as handle:
             table = pq.ParquetFile(handle).read_row_group(unit.row_group, columns=wanted)
     except (OSError, pa.ArrowException) as error:
-        problems.counts["unreadable_row_group"] = problems.counts.get("unreadable_row_group", 0) + (unit.num_rows or 1)
-        problems.first_error = problems.first_error or f"{unit.uri} row group {unit.row_group}: {error}"
+        problems.add("unreadable_row_group", f"{unit.uri} row group {unit.row_group}: {error}", unit.num_rows or 1)
         return
     images = _image_bytes_column(table, columns.image)  # type: ignore[arg-type]
     labels = table.column(columns.label).to_pylist() if columns.label else [None] * len(images)
@@ -420,7 +419,7 @@ def _read_tar(unit: ReadUnit, problems: ReadProblems) -> Iterator[RawImage]:
                     continue
                 label = webdataset.class_label(sample)
                 yield RawImage(key, entry[1], -1 if label is None else label, -1)
-    except (OSError, EOFError, pa.ArrowException, Exception) as error:  # noqa: BLE001 -- tarfile raises many kinds
+    except Exception as error:  # noqa: BLE001 -- tarfile and the filesystems raise many kinds
         problems.add("broken_tar", f"{unit.uri}: {type(error).__name__}: {error}")
 
 

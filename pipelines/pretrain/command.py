@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli_common import UserError, positive_int
+from pipelines.cli_common import UserError, add_overrides_option, positive_int
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -23,14 +23,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     parser.add_argument("--val-data", nargs="+", metavar="URI", help="labelled images for the kNN monitor")
     parser.add_argument("--output", metavar="DIR", help="run directory (default: outputs/<recipe>-<time>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR from its newest checkpoint")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set optim.lr=0.06 (repeatable)",
-    )
+    add_overrides_option(parser, "override a config key, e.g. --set optim.lr=0.06 (repeatable)")
     parser.add_argument("--workers", type=positive_int, help="Ray Train workers (scaling.workers)")
     parser.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (scaling.cpus_per_worker)")
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (scaling.gpus_per_worker)")

@@ -183,6 +183,7 @@ def run_pretraining(
     ingest_state = IngestState.remote()
     limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
     augment = config.augment.resolve(on_gpu=config.scaling.gpus_per_worker > 0)
+    readers = _readers(config)
     train_stream, _ = build_view_dataset(
         train,
         TwoViewFunction(augment, limits),
@@ -190,14 +191,14 @@ def run_pretraining(
         seed=config.training.seed,
         shuffle=config.data.shuffle,
         start=_start_position(pointer if resume else None, units_per_epoch),
-        readers=_readers(config),
+        readers=readers,
         ingest_state=ingest_state,
     )
     datasets = {"train": train_stream}
     if knn_sets is not None:
         eval_view = EvalViewFunction(config.eval.image_size or config.augment.size, limits)
-        bank, _ = build_view_dataset(knn_sets[0], eval_view, end_epoch=1, shuffle=False, readers=_readers(config))
-        queries, _ = build_view_dataset(knn_sets[1], eval_view, end_epoch=1, shuffle=False, readers=_readers(config))
+        bank, _ = build_view_dataset(knn_sets[0], eval_view, end_epoch=1, shuffle=False, readers=readers)
+        queries, _ = build_view_dataset(knn_sets[1], eval_view, end_epoch=1, shuffle=False, readers=readers)
         datasets.update(knn_bank=bank.limit(config.eval.bank_size), knn_query=queries)
     execution = ray.train.DataConfig.default_ingest_options()
     execution.preserve_order = True  # resume positions rely on units arriving in plan order

@@ -111,10 +111,10 @@ class Tracker:
             self.enabled = False
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         if self.run_id is None:
             return
+        from mlflow.entities import Param
+
         items = [Param(key, str(value)[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self._call("parameter logging", self._client().log_batch, self.run_id, params=items[start : start + 100])

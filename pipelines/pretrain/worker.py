@@ -20,9 +20,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from moco_core.knn import knn_top1
+from moco_core.knn import extract_features, knn_top1
 from moco_core.loss import ContrastiveLoss
 from moco_core.model import build_model
 from moco_core.photometric import normalize_batch, prepare_model_input
@@ -171,23 +170,15 @@ class PretrainRunner:
             dist.broadcast(result, src=0)
         return float(result[0])
 
-    @torch.no_grad()
     def _features(self, dataset_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        backbone = self.model.query_encoder.backbone
-        was_training = backbone.training
-        backbone.eval()
-        features, labels = [], []
-        try:
-            shard = ray.train.get_dataset_shard(dataset_name)
-            for batch in shard.iter_torch_batches(batch_size=self.config.eval.batch_size):
-                images = self.settings.prepare(normalize_batch(batch["image"].to(self.device)))
-                with self.settings.autocast(self.device):
-                    output = backbone(images)
-                features.append(F.normalize(output.float(), dim=1).cpu())
-                labels.append(batch["label"].cpu())
-        finally:
-            backbone.train(was_training)
-        return torch.cat(features), torch.cat(labels)
+        """Unit backbone features and labels of an eval dataset (moco_core.knn.extract_features)."""
+        shard = ray.train.get_dataset_shard(dataset_name)
+        batches = (
+            (self.settings.prepare(normalize_batch(batch["image"].to(self.device))), batch["label"])
+            for batch in shard.iter_torch_batches(batch_size=self.config.eval.batch_size)
+        )
+        with self.settings.autocast(self.device):
+            return extract_features(self.model.query_encoder.backbone, batches, self.device)
 
     # ------------------------------------------------------------------ the loop
 
