@@ -4,7 +4,8 @@ On an ImageNet-like JPEG corpus (see ``benchmarks/corpus.py``), in one run:
 
 * (a) the official MoCo loader: torchvision ``ImageFolder`` + ``DataLoader`` (``workers``
   processes) + ``TwoCropsTransform`` with the v2 augmentation, yielding normalised float views;
-* (b) our per-image decode + two-view function alone, in one process on one core;
+* (b) our per-image decode + two-view function alone, in one process on one core (also with
+  the official code's PIL blur, ``blur="pil"``, to show what that parity costs);
 * (c) our Ray Data pipeline end to end (Parquet shards from ``moco shard`` -> reader tasks ->
   ``iter_torch_batches``), with ``workers`` reader tasks, delivering uint8 views.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -185,12 +187,14 @@ def run_ingest_benchmark(
             device_config = AugmentConfig(recipe="v2", size=size, photometric="device")
             official = official_loader_throughput(corpus["path"], size, workers, batch_size, epochs)
             single = single_process_throughput(raw_images, cpu_config)
+            single_pil_blur = single_process_throughput(raw_images, replace(cpu_config, blur="pil"))
             single_device = single_process_throughput(raw_images, device_config)
             ray_cpu = ray_pipeline_throughput(shards_dir, cpu_config, workers, batch_size, epochs)
             ray_device = ray_pipeline_throughput(shards_dir, device_config, workers, batch_size, epochs)
             results["by_size"][str(size)] = {
                 "official_img_per_s": round(official, 1),
                 "single_process_img_per_s": round(single, 1),
+                "single_process_pil_blur_img_per_s": round(single_pil_blur, 1),
                 "ray_img_per_s": round(ray_cpu["img_per_s"], 1),
                 "ratio": round(ray_cpu["img_per_s"] / official, 3),
                 "efficiency": round(ray_cpu["img_per_s"] / (single * workers), 3),

@@ -14,10 +14,12 @@ The work is split in two so that ingest stays cheap:
 - geometry (decode, crop, resize, flip) always runs per image in :class:`TwoViewTransform`. Both
   crop boxes are drawn from the header size before decoding, so a JPEG is decoded once at the
   largest DCT reduction (1/2, 1/4, 1/8) that still leaves both crops at least ``size`` pixels a side;
-- the photometric part (colour jitter, grayscale, blur) runs either per image on the CPU with the
-  PIL operations torchvision uses on PIL images (``photometric="cpu"``; the same pixels, the hue
-  within one level), or batched on the training device with torch ops (``photometric="device"``,
-  :func:`moco_core.photometric.photometric_batch`).
+- the photometric part (colour jitter, grayscale, blur) runs either per image on the CPU
+  (``photometric="cpu"``: colour jitter and grayscale are the PIL operations torchvision uses on
+  PIL images, the same pixels with the hue within one level), or batched on the training device
+  with torch ops (``photometric="device"``, :func:`moco_core.photometric.photometric_batch`).
+  Both blur with the same true Gaussian (:mod:`moco_core.blur`); ``blur="pil"`` selects the
+  official code's PIL blur instead, on the CPU.
 
 Either way the training loop turns the uint8 views into model input with
 :func:`moco_core.photometric.prepare_model_input`.
@@ -34,12 +36,15 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageChops, ImageEnhance, ImageFilter
 
+from moco_core.blur import gaussian_blur_uint8
 from moco_core.image_io import ImageLimits, decode_rgb, open_image
 
 Recipe = Literal["v1", "v2", "cifar"]
 PhotometricPlacement = Literal["cpu", "device"]
+BlurKind = Literal["gaussian", "pil"]
 RECIPES: tuple[str, ...] = ("v1", "v2", "cifar")
 PHOTOMETRIC_PLACEMENTS: tuple[str, ...] = ("cpu", "device")
+BLUR_KINDS: tuple[str, ...] = ("gaussian", "pil")
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -97,6 +102,8 @@ class AugmentConfig:
         crop_ratio: RandomResizedCrop aspect-ratio (width / height) range.
         photometric: where colour jitter, grayscale and blur run: ``cpu`` (per image, inside the
             ingest) or ``device`` (batched on the training device, :func:`photometric_batch`).
+        blur: ``gaussian`` (a true Gaussian, :mod:`moco_core.blur`, on either placement) or
+            ``pil`` (PIL's box-approximated ``GaussianBlur`` as in the official code; ``cpu`` only).
     """
 
     recipe: Recipe = "v2"
@@ -104,6 +111,7 @@ class AugmentConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     photometric: PhotometricPlacement = "cpu"
+    blur: BlurKind = "gaussian"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
@@ -117,6 +125,12 @@ class AugmentConfig:
                 self.photometric in PHOTOMETRIC_PLACEMENTS,
                 "photometric",
                 f"one of {', '.join(PHOTOMETRIC_PLACEMENTS)}",
+            ),
+            (self.blur in BLUR_KINDS, "blur", f"one of {', '.join(BLUR_KINDS)}"),
+            (
+                self.blur != "pil" or self.photometric == "cpu",
+                "blur",
+                "gaussian when photometric is device (PIL's blur runs on the CPU only)",
             ),
         ]
         for ok, field, expected in checks:
@@ -300,10 +314,20 @@ def _color_jitter_pil(image: Image.Image, jitter: ColorJitterParams) -> Image.Im
     return image
 
 
-def apply_photometric_pil(image: Image.Image, params: PhotometricParams) -> Image.Image:
-    """Colour jitter, grayscale and blur of one RGB view with PIL, as torchvision does on PIL images.
+def _rgb_array(pixels: np.ndarray) -> np.ndarray:
+    """A writable (H, W, 3) uint8 copy of an (H, W) or (H, W, 3) image."""
+    return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else np.array(pixels)
 
-    A greyed view comes back in mode ``L`` (one channel is a third of the work for what follows).
+
+def apply_photometric_cpu(image: Image.Image, params: PhotometricParams, blur: BlurKind = "gaussian") -> np.ndarray:
+    """Colour jitter, grayscale and blur of one RGB view on one CPU core.
+
+    Jitter and grayscale are the PIL operations torchvision uses on PIL images (the hue within
+    one level); a greyed view stays one channel until the end, a third of the work. ``blur``
+    picks the Gaussian of :mod:`moco_core.blur` or the official code's PIL blur.
+
+    Shape:
+        return: (H, W, 3) uint8
     """
     if params.grayscale and params.grayscale_before_jitter:
         image = image.convert("L")
@@ -311,10 +335,12 @@ def apply_photometric_pil(image: Image.Image, params: PhotometricParams) -> Imag
         image = _color_jitter_pil(image, params.jitter)
     if params.grayscale and not params.grayscale_before_jitter:
         image = image.convert("L")
-    if params.blur_sigma is not None:
-        # The official MoCo v2 blur: PIL's (extended box) Gaussian with radius = sigma.
+    if params.blur_sigma is not None and blur == "pil":
         image = image.filter(ImageFilter.GaussianBlur(radius=params.blur_sigma))
-    return image
+    pixels = np.asarray(image)
+    if params.blur_sigma is not None and blur == "gaussian":
+        pixels = gaussian_blur_uint8(pixels, params.blur_sigma)
+    return _rgb_array(pixels)
 
 
 def render_view(
@@ -322,6 +348,7 @@ def render_view(
     params: ViewParams,
     size: int,
     source_scale: tuple[float, float] = (1.0, 1.0),
+    blur: BlurKind = "gaussian",
 ) -> np.ndarray:
     """Crop + resize (one bilinear PIL call), flip, then the photometric part if ``params`` has one.
 
@@ -330,6 +357,7 @@ def render_view(
         params: the view's random parameters; its crop is in header (undrafted) pixels.
         size: output side.
         source_scale: decoded size / header size per axis (x, y); below 1 after a JPEG draft.
+        blur: which blur the photometric part uses (see :func:`apply_photometric_cpu`).
 
     Returns:
         The view, uint8.
@@ -349,10 +377,8 @@ def render_view(
         # Flipping first is equivalent (every photometric operation is mirror-symmetric) and cheaper.
         view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if params.photometric is not None:
-        view = apply_photometric_pil(view, params.photometric)
-    if view.mode != "RGB":
-        view = view.convert("RGB")
-    return np.array(view)
+        return apply_photometric_cpu(view, params.photometric, blur)
+    return _rgb_array(np.asarray(view))
 
 
 @dataclass(frozen=True)
@@ -380,7 +406,7 @@ class TwoViewTransform:
     Both crops are drawn from the header size, the JPEG is decoded once at the largest DCT
     reduction that keeps both crops at least ``size`` pixels a side (never causing an upsample),
     each view is cropped and resized in one bilinear PIL call, flipped, and, when
-    ``config.photometric == "cpu"``, colour-jittered / greyed / blurred with PIL.
+    ``config.photometric == "cpu"``, colour-jittered / greyed / blurred (:func:`apply_photometric_cpu`).
 
     A seeded ``rng`` makes the result reproducible; the two views draw independent parameters.
 
@@ -420,10 +446,10 @@ class TwoViewTransform:
                 _, (_, _, drafted_width, drafted_height) = drafted
                 source_scale = (drafted_width / width, drafted_height / height)
         decoded = decode_rgb(image)
-        size = self.config.size
+        size, blur = self.config.size, self.config.blur
         return TwoViews(
-            query_view=render_view(decoded.image, query_params, size, source_scale),
-            key_view=render_view(decoded.image, key_params, size, source_scale),
+            query_view=render_view(decoded.image, query_params, size, source_scale, blur),
+            key_view=render_view(decoded.image, key_params, size, source_scale, blur),
             converted_from=decoded.converted_from,
             decoded_size=decoded.image.size,
         )

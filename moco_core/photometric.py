@@ -8,7 +8,6 @@ training loop makes either way.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from moco_core.augment import (
     AugmentConfig,
     PhotometricRecipe,
 )
+from moco_core.blur import BLUR_TRUNCATE, blur_radius
 
 
 def _channels_first(views: torch.Tensor) -> torch.Tensor:
@@ -116,10 +116,17 @@ _JITTER_OPS = {
 }
 
 
-def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian kernels. Shape: (M,) -> (M, 2 * radius + 1)."""
+def gaussian_kernels(sigma: torch.Tensor) -> torch.Tensor:
+    """:mod:`moco_core.blur`'s kernels, one per sigma, padded with zeros to the largest radius.
+
+    Shape:
+        sigma: (M,) -> (M, 2 * blur_radius(sigma.max()) + 1)
+    """
+    radius = blur_radius(float(sigma.max()))
     taps = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)
-    kernels = torch.exp(-0.5 * (taps / sigma.unsqueeze(1)) ** 2)
+    sigma = sigma.unsqueeze(1)
+    kernels = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernels = kernels * (taps.abs() <= torch.ceil(BLUR_TRUNCATE * sigma).clamp(min=1))
     return kernels / kernels.sum(dim=1, keepdim=True)
 
 
@@ -218,8 +225,7 @@ def apply_batch_photometric(
         grayscale_selected()
     rows = _rows(params.blur, device)
     if rows is not None:
-        radius = math.ceil(3.0 * recipe.blur_sigma[1])
-        kernels = _gaussian_kernels(params.blur_sigma[params.blur], radius).to(device=device, dtype=images.dtype)
+        kernels = gaussian_kernels(params.blur_sigma[params.blur]).to(device=device, dtype=images.dtype)
         images[rows] = _gaussian_blur(images[rows], kernels)
     return images
 
@@ -230,8 +236,8 @@ def photometric_batch(
     """The photometric part of ``config.recipe`` on a batch of cropped views, on their device.
 
     Each image gets its own random parameters (torchvision's distributions; the hue shift is the
-    continuous HSV rotation of torchvision's tensor path). Blur is a true Gaussian truncated at
-    3 sigma. Returns model input, exactly like :func:`normalize_batch`: float32, normalised with
+    continuous HSV rotation of torchvision's tensor path). Blur is :mod:`moco_core.blur`'s
+    Gaussian. Returns model input, exactly like :func:`normalize_batch`: float32, normalised with
     the ImageNet mean and std, channels_last when the input is (N, H, W, 3). The input is not
     modified.
 

@@ -19,16 +19,23 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 class AugmentSection:
     """Two-view augmentation (see moco_core.augment). ``photometric``: where colour jitter,
     grayscale and blur run: ``cpu`` (ingest readers), ``device`` (batched on the training device)
-    or ``auto`` (``device`` when training on GPUs, else ``cpu``, the faster on each; docs/BENCHMARKS.md)."""
+    or ``auto`` (``device`` when training on GPUs, else ``cpu``, the faster on each; docs/BENCHMARKS.md).
+    ``blur``: ``gaussian`` (a true Gaussian, the same on both placements) or ``pil`` (the official
+    code's PIL blur, bit-for-bit; runs in the readers, so ``auto`` then means ``cpu``)."""
 
     recipe: Literal["v1", "v2", "cifar"] = "v2"
     size: int = 224
     crop_scale: tuple[float, ...] = (0.2, 1.0)
     photometric: Literal["auto", "cpu", "device"] = "auto"
+    blur: Literal["gaussian", "pil"] = "gaussian"
 
     def resolve(self, on_gpu: bool) -> AugmentConfig:
-        placement = self.photometric if self.photometric != "auto" else ("device" if on_gpu else "cpu")
-        return AugmentConfig(self.recipe, self.size, (self.crop_scale[0], self.crop_scale[1]), photometric=placement)
+        placement = self.photometric
+        if placement == "auto":
+            placement = "device" if on_gpu and self.blur == "gaussian" else "cpu"
+        return AugmentConfig(
+            self.recipe, self.size, (self.crop_scale[0], self.crop_scale[1]), photometric=placement, blur=self.blur
+        )
 
 
 @dataclass(frozen=True)

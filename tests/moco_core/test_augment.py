@@ -1,4 +1,5 @@
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,12 +21,13 @@ from moco_core.augment import (
     TwoViewTransform,
     ViewParams,
     _shift_hue_pil,
-    apply_photometric_pil,
+    apply_photometric_cpu,
     draft_reduction,
     render_view,
     sample_crop_box,
     sample_photometric_params,
 )
+from moco_core.blur import gaussian_blur_uint8
 from moco_core.image_io import ImageDecodeError
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -84,6 +86,7 @@ def test_default_config_is_valid_and_is_moco_v2():
         ("crop_ratio", (0.0, 1.0)),
         ("crop_ratio", (2.0, 1.0)),
         ("photometric", "gpu"),
+        ("blur", "box"),
     ],
 )
 def test_validate_names_the_bad_field(field, value):
@@ -91,6 +94,12 @@ def test_validate_names_the_bad_field(field, value):
         AugmentConfig(**{field: value}).validate()
     with pytest.raises(ValueError, match=field):
         TwoViewTransform(AugmentConfig(**{field: value}))
+
+
+def test_pil_blur_is_refused_on_the_device():
+    AugmentConfig(photometric="cpu", blur="pil").validate()
+    with pytest.raises(ValueError, match=r"augment\.blur='pil' is invalid: expected gaussian when photometric"):
+        AugmentConfig(photometric="device", blur="pil").validate()
 
 
 # --- per-image transform ---------------------------------------------------------------------
@@ -286,13 +295,13 @@ def _torchvision_photometric(image: Image.Image, params: PhotometricParams) -> I
 
 
 @pytest.mark.parametrize("recipe", ["v1", "v2"])
-def test_cpu_photometric_matches_torchvision_on_pil(photo, recipe):
+def test_cpu_photometric_with_pil_blur_matches_torchvision_on_pil(photo, recipe):
     image = photo.resize((96, 64))
     rng = np.random.default_rng(3)
     seen_grey = seen_blur = seen_jitter = 0
     for _ in range(30):
         params = sample_photometric_params(PHOTOMETRIC_RECIPES[recipe], rng)
-        ours = np.asarray(apply_photometric_pil(image, params).convert("RGB"), dtype=int)
+        ours = apply_photometric_cpu(image, params, blur="pil").astype(int)
         reference = np.asarray(_torchvision_photometric(image, params), dtype=int)
         difference = np.abs(ours - reference)
         # Only the hue step differs (it rebuilds RGB within 1 level); later steps can scale that.
@@ -302,6 +311,26 @@ def test_cpu_photometric_matches_torchvision_on_pil(photo, recipe):
         seen_blur += params.blur_sigma is not None
         seen_jitter += params.jitter is not None
     assert seen_grey and seen_jitter and (seen_blur or recipe == "v1")
+
+
+def test_cpu_photometric_blurs_with_the_shared_gaussian(photo):
+    image = photo.resize((96, 64))
+    rng = np.random.default_rng(4)
+    blurred = 0
+    for _ in range(20):
+        params = sample_photometric_params(PHOTOMETRIC_RECIPES["v2"], rng)
+        ours = apply_photometric_cpu(image, params)
+        assert ours.shape == (64, 96, 3) and ours.dtype == np.uint8 and ours.flags.writeable
+        unblurred = apply_photometric_cpu(image, replace(params, blur_sigma=None))
+        if params.blur_sigma is None:
+            assert np.array_equal(ours, unblurred)
+        else:
+            blurred += 1
+            assert np.array_equal(ours, gaussian_blur_uint8(unblurred, params.blur_sigma))
+            # The two blurs approximate one Gaussian: close, not equal.
+            official = apply_photometric_cpu(image, params, blur="pil").astype(int)
+            assert np.abs(ours.astype(int) - official).mean() < 1.5
+    assert blurred >= 5
 
 
 @pytest.mark.parametrize("hue", [-0.5, -0.1, -0.02, 0.004, 0.05, 0.33, 0.5])
@@ -350,7 +379,7 @@ def test_sampled_photometric_parameters_follow_the_recipes():
 def test_neutral_jitter_leaves_the_image_unchanged():
     params = ColorJitterParams(order=(3, 2, 1, 0), brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0)
     image = Image.new("RGB", (8, 8), (200, 30, 60))
-    unchanged = apply_photometric_pil(image, PhotometricParams(params, False, False, None))
+    unchanged = apply_photometric_cpu(image, PhotometricParams(params, False, False, None))
     assert np.array_equal(np.asarray(unchanged), np.asarray(image))
 
 

@@ -55,12 +55,23 @@ def test_overrides_parse_yaml_values_and_scientific_notation():
         ("scaling.workers=3", "multiple of scaling.workers=3"),
         ("model.batchnorm=shuffle", "needs scaling.workers > 1"),
         ("augment.crop_scale=[0.9, 0.1]", "augment.crop_scale"),
+        ("augment.blur=box", "augment.blur='box' is invalid"),
         ("optim.lr", "not of the form key.sub=value"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config("demo", [override])
+
+
+def test_photometric_placement_and_blur_resolve_together():
+    assert load_config("demo").augment.resolve(on_gpu=True).photometric == "device"
+    assert load_config("demo").augment.resolve(on_gpu=False).photometric == "cpu"
+    official_blur = load_config("demo", ["augment.blur=pil"]).augment
+    assert official_blur.resolve(on_gpu=True) == official_blur.resolve(on_gpu=False)
+    assert (official_blur.resolve(on_gpu=True).photometric, official_blur.resolve(on_gpu=True).blur) == ("cpu", "pil")
+    with pytest.raises(ConfigError, match="augment.blur='pil' is invalid: expected gaussian when photometric"):
+        load_config("demo", ["augment.blur=pil", "augment.photometric=device"])
 
 
 def test_iteration_based_and_epoch_based_step_planning():
