@@ -1,6 +1,7 @@
 """The moco command line: version, help, JSON on the last line, one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -54,3 +55,18 @@ def test_errors_are_one_line_without_traceback(capsys):
     assert error == [error[0]] and "unknown arch 'vgg16'" in error[0] and "Traceback" not in error[0]
     assert main(["pretrain", "--data", "x"]) == 1
     assert "needs --recipe and --data" in capsys.readouterr().err
+
+
+def test_arrow_allocator_keeps_freed_pages_unless_the_user_says_otherwise():
+    script = "import os, pipelines; print(os.environ['MIMALLOC_PURGE_DELAY'])"
+    environment = {key: value for key, value in os.environ.items() if key != "MIMALLOC_PURGE_DELAY"}
+    kept = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "-1"
+    chosen = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**environment, "MIMALLOC_PURGE_DELAY": "250"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert chosen.stdout.strip() == "250"
