@@ -315,8 +315,10 @@ def _color_jitter_pil(image: Image.Image, jitter: ColorJitterParams) -> Image.Im
 
 
 def _rgb_array(pixels: np.ndarray) -> np.ndarray:
-    """A writable (H, W, 3) uint8 copy of an (H, W) or (H, W, 3) image."""
-    return np.repeat(pixels[:, :, None], 3, axis=2) if pixels.ndim == 2 else np.array(pixels)
+    """A writable (H, W, 3) uint8 array of an (H, W) or (H, W, 3) image; copied only when needed."""
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    return pixels if pixels.flags.writeable else np.array(pixels)
 
 
 def apply_photometric_cpu(image: Image.Image, params: PhotometricParams, blur: BlurKind = "gaussian") -> np.ndarray:

@@ -78,7 +78,8 @@ def gaussian_blur_uint8(pixels: np.ndarray, sigma: float) -> np.ndarray:
     """
     height, width = pixels.shape[:2]
     channels = pixels.shape[2] if pixels.ndim == 3 else 1
-    radius, taps = blur_radius(sigma), gaussian_taps(sigma)
+    taps = gaussian_taps(sigma)
+    radius = len(taps) // 2
     row_length, border = width * channels, radius * channels
     rows = pixels.reshape(height, row_length)
     # Horizontal pass: pad each row with copies of its edge pixel, shift by whole pixels.
