@@ -18,8 +18,8 @@ The work is split in two so that ingest stays cheap:
   (``photometric="cpu"``: colour jitter and grayscale are the PIL operations torchvision uses on
   PIL images, the same pixels with the hue within one level), or batched on the training device
   with torch ops (``photometric="device"``, :func:`moco_core.photometric.photometric_batch`).
-  Both blur with the same true Gaussian (:mod:`moco_core.blur`); ``blur="pil"`` selects the
-  official code's PIL blur instead, on the CPU.
+  Both blur with the same discrete Gaussian of variance sigma^2 (:mod:`moco_core.blur`);
+  ``blur="pil"`` selects the official code's PIL blur instead, on the CPU.
 
 Either way the training loop turns the uint8 views into model input with
 :func:`moco_core.photometric.prepare_model_input`.
@@ -102,8 +102,9 @@ class AugmentConfig:
         crop_ratio: RandomResizedCrop aspect-ratio (width / height) range.
         photometric: where colour jitter, grayscale and blur run: ``cpu`` (per image, inside the
             ingest) or ``device`` (batched on the training device, :func:`photometric_batch`).
-        blur: ``gaussian`` (a true Gaussian, :mod:`moco_core.blur`, on either placement) or
-            ``pil`` (PIL's box-approximated ``GaussianBlur`` as in the official code; ``cpu`` only).
+        blur: ``gaussian`` (the discrete Gaussian of :mod:`moco_core.blur`, variance sigma^2,
+            on either placement) or ``pil`` (PIL's extended-box ``GaussianBlur``, the blur the
+            official code calls; ``cpu`` only).
     """
 
     recipe: Recipe = "v2"

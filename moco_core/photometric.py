@@ -24,7 +24,7 @@ from moco_core.augment import (
     AugmentConfig,
     PhotometricRecipe,
 )
-from moco_core.blur import BLUR_TRUNCATE, blur_radius
+from moco_core.blur import discrete_gaussian_kernels
 
 
 def _channels_first(views: torch.Tensor) -> torch.Tensor:
@@ -117,17 +117,16 @@ _JITTER_OPS = {
 
 
 def gaussian_kernels(sigma: torch.Tensor) -> torch.Tensor:
-    """:mod:`moco_core.blur`'s kernels, one per sigma, padded with zeros to the largest radius.
+    """:mod:`moco_core.blur`'s kernels, one per sigma, zero-padded to the largest radius.
+
+    The taps are :func:`moco_core.blur.discrete_gaussian_kernels`' float64 numbers (computed on the
+    CPU, where the parameters are drawn), so the device path blurs with the per-image path's kernel.
 
     Shape:
         sigma: (M,) -> (M, 2 * blur_radius(sigma.max()) + 1)
     """
-    radius = blur_radius(float(sigma.max()))
-    taps = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)
-    sigma = sigma.unsqueeze(1)
-    kernels = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernels = kernels * (taps.abs() <= torch.ceil(BLUR_TRUNCATE * sigma).clamp(min=1))
-    return kernels / kernels.sum(dim=1, keepdim=True)
+    kernels = discrete_gaussian_kernels(sigma.detach().to("cpu", torch.float64).numpy())
+    return torch.from_numpy(kernels).to(device=sigma.device, dtype=sigma.dtype)
 
 
 def _gaussian_blur(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

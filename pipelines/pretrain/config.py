@@ -20,8 +20,9 @@ class AugmentSection:
     """Two-view augmentation (see moco_core.augment). ``photometric``: where colour jitter,
     grayscale and blur run: ``cpu`` (ingest readers), ``device`` (batched on the training device)
     or ``auto`` (``device`` when training on GPUs, else ``cpu``, the faster on each; docs/BENCHMARKS.md).
-    ``blur``: ``gaussian`` (a true Gaussian, the same on both placements) or ``pil`` (the official
-    code's PIL blur, bit-for-bit; runs in the readers, so ``auto`` then means ``cpu``)."""
+    ``blur``: ``gaussian`` (a discrete Gaussian of variance sigma^2, the same on both placements)
+    or ``pil`` (PIL's ``GaussianBlur``, as the official code calls it; runs in the readers, so
+    ``auto`` then means ``cpu``)."""
 
     recipe: Literal["v1", "v2", "cifar"] = "v2"
     size: int = 224

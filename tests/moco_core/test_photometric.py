@@ -1,13 +1,13 @@
 """The batched photometric path (moco_core.photometric) against torchvision, per image."""
 
-import math
-
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD, PHOTOMETRIC_RECIPES, AugmentConfig
+from moco_core.blur import blur_radius
 from moco_core.photometric import (
     BatchPhotometricParams,
     apply_batch_photometric,
@@ -82,10 +82,11 @@ def test_sampled_batch_parameters_follow_the_recipe():
 
 
 def _reference_gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """An explicit 2-D Gaussian to ceil(3 sigma), replicated edges. Shape: (3, H, W) -> (3, H, W)."""
-    radius = max(1, math.ceil(3 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel_1d = torch.exp(-(taps**2) / (2 * sigma**2))
+    """An explicit 2-D discrete Gaussian (scipy's exp(-t) I_n(t), t = sigma^2) to blur_radius(sigma),
+    renormalised, replicated edges. Shape: (3, H, W) -> (3, H, W)."""
+    special = pytest.importorskip("scipy.special")
+    radius = blur_radius(sigma)
+    kernel_1d = torch.from_numpy(special.ive(np.abs(np.arange(-radius, radius + 1)), sigma**2))
     kernel = torch.outer(kernel_1d, kernel_1d)
     kernel = (kernel / kernel.sum()).to(image.dtype)
     padded = F.pad(image.unsqueeze(0), (radius,) * 4, mode="replicate")
