@@ -22,7 +22,8 @@ The work is split in two so that ingest stays cheap:
   ``blur="pil"`` selects the official code's PIL blur instead, on the CPU.
 
 Either way the training loop turns the uint8 views into model input with
-:func:`moco_core.photometric.prepare_model_input`.
+:func:`moco_core.photometric.prepare_model_input`, normalised with ``AugmentConfig.mean`` and
+``std`` (ImageNet's unless a recipe says otherwise).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ RECIPES: tuple[str, ...] = ("v1", "v2", "cifar")
 PHOTOMETRIC_PLACEMENTS: tuple[str, ...] = ("cpu", "device")
 BLUR_KINDS: tuple[str, ...] = ("gaussian", "pil")
 
+#: Per-channel (R, G, B) statistics of [0, 1] pixels that model input is normalised with by default.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -85,7 +87,8 @@ class PhotometricRecipe:
 PHOTOMETRIC_RECIPES: dict[str, PhotometricRecipe] = {
     "v1": PhotometricRecipe((0.4, 0.4, 0.4, 0.4), 1.0, 0.2, True, 0.0, (0.1, 2.0)),
     "v2": PhotometricRecipe((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.5, (0.1, 2.0)),
-    # The official CIFAR-10 demo: v2's jitter and grayscale, no blur (32 px views are small).
+    # The official CIFAR-10 demo: v2's jitter and grayscale, no blur (32 px views are small). Its
+    # crop scale (0.08, 1) and CIFAR statistics are AugmentConfig fields, set by recipes/cifar-v2.yaml.
     "cifar": PhotometricRecipe((0.4, 0.4, 0.4, 0.1), 0.8, 0.2, False, 0.0, (0.1, 2.0)),
 }
 
@@ -96,7 +99,7 @@ class AugmentConfig:
 
     Attributes:
         recipe: ``v1`` (MoCo), ``v2`` (MoCo v2, "aug+") or ``cifar`` (the official CIFAR-10
-            demo: v2 without blur).
+            demo's photometric part: v2 without blur).
         size: output side in pixels (views are ``size`` x ``size``).
         crop_scale: RandomResizedCrop area range, as a fraction of the image area.
         crop_ratio: RandomResizedCrop aspect-ratio (width / height) range.
@@ -105,6 +108,9 @@ class AugmentConfig:
         blur: ``gaussian`` (the discrete Gaussian of :mod:`moco_core.blur`, variance sigma^2,
             on either placement) or ``pil`` (PIL's extended-box ``GaussianBlur``, the blur the
             official code calls; ``cpu`` only).
+        mean, std: per-channel (R, G, B) statistics of [0, 1] pixels; model input is
+            ``(pixels / 255 - mean) / std`` (:func:`moco_core.photometric.prepare_model_input`).
+            ImageNet's by default; a recipe sets its dataset's (the CIFAR-10 demo's, for example).
     """
 
     recipe: Recipe = "v2"
@@ -113,10 +119,13 @@ class AugmentConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     photometric: PhotometricPlacement = "cpu"
     blur: BlurKind = "gaussian"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
         scale, ratio = tuple(self.crop_scale), tuple(self.crop_ratio)
+        mean, std = tuple(self.mean), tuple(self.std)
         checks = [
             (self.recipe in RECIPES, "recipe", f"one of {', '.join(RECIPES)}"),
             (isinstance(self.size, int) and self.size >= 1, "size", "a positive integer"),
@@ -133,10 +142,18 @@ class AugmentConfig:
                 "blur",
                 "gaussian when photometric is device (PIL's blur runs on the CPU only)",
             ),
+            (len(mean) == 3 and all(map(math.isfinite, mean)), "mean", "three finite values (R, G, B)"),
+            (
+                len(std) == 3 and all(math.isfinite(value) and value > 0 for value in std),
+                "std",
+                "three finite values > 0 (R, G, B)",
+            ),
         ]
         for ok, field, expected in checks:
             if not ok:
-                raise ValueError(f"augment.{field}={getattr(self, field)!r} is invalid: expected {expected}")
+                value = getattr(self, field)
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ValueError(f"augment.{field}={shown!r} is invalid: expected {expected}")
 
     @property
     def photometric_recipe(self) -> PhotometricRecipe:

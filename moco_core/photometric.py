@@ -8,6 +8,7 @@ training loop makes either way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,27 +44,34 @@ def _channels_first(views: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"expected (N, 3, H, W) or (N, H, W, 3) views, got shape {tuple(views.shape)}")
 
 
-def _normalize_unit_(images: torch.Tensor) -> torch.Tensor:
-    """In place: [0, 1] -> ImageNet mean/std normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+def _normalize_unit_(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """In place: [0, 1] -> ``(images - mean) / std`` per channel."""
+    channel_mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    channel_std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return images.sub_(channel_mean).div_(channel_std)
 
 
-def normalize_batch(views: torch.Tensor) -> torch.Tensor:
-    """uint8 views -> float32 model input, normalised with the ImageNet mean and std.
+def normalize_batch(
+    views: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """uint8 views -> float32 model input ``(views / 255 - mean) / std``, per channel.
 
-    Use it when the photometric part already ran on the CPU. Runs on the input's device. An
+    Use it when the photometric part already ran on the CPU, and for evaluation views (with the
+    training run's ``AugmentConfig.mean`` and ``std``). Runs on the input's device. An
     (N, H, W, 3) batch (how Ray Data stacks H x W x 3 rows) comes back channels_last without a
     layout copy; an (N, 3, H, W) batch keeps its memory format. The input is not modified.
+
+    Args:
+        views: uint8 RGB views.
+        mean, std: per-channel (R, G, B) statistics of [0, 1] pixels; ImageNet's by default.
 
     Shape:
         views: (N, 3, H, W) or (N, H, W, 3) uint8 -> (N, 3, H, W) float32
     """
     images = _channels_first(views).to(torch.float32)
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255.0)
-    return images.sub_(mean).mul_(inv_std)
+    mean_level = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255.0
+    inv_std_level = 1.0 / (torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255.0)
+    return images.sub_(mean_level).mul_(inv_std_level)
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -236,13 +244,14 @@ def photometric_batch(
 
     Each image gets its own random parameters (torchvision's distributions; the hue shift is the
     continuous HSV rotation of torchvision's tensor path). Blur is :mod:`moco_core.blur`'s
-    Gaussian. Returns model input, exactly like :func:`normalize_batch`: float32, normalised with
-    the ImageNet mean and std, channels_last when the input is (N, H, W, 3). The input is not
-    modified.
+    discrete Gaussian. Returns model input, exactly like :func:`normalize_batch`: float32,
+    normalised with ``config.mean`` and ``config.std``, channels_last when the input is
+    (N, H, W, 3). The input is not modified.
 
     Args:
         views: uint8 views that were only cropped, resized and flipped.
-        config: the augmentation (its ``recipe`` picks the operations).
+        config: the augmentation (its ``recipe`` picks the operations, ``mean`` / ``std`` the
+            normalisation).
         generator: a CPU generator for the parameters (a few numbers per image are drawn on the
             CPU and moved to the device), for reproducibility; None uses torch's global one.
 
@@ -252,13 +261,14 @@ def photometric_batch(
     images = _channels_first(views).to(torch.float32).div_(255.0)
     recipe = config.photometric_recipe
     params = sample_batch_photometric_params(images.shape[0], recipe, generator)
-    return _normalize_unit_(apply_batch_photometric(images, params, recipe))
+    return _normalize_unit_(apply_batch_photometric(images, params, recipe), config.mean, config.std)
 
 
 def prepare_model_input(
     views: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """uint8 views from :class:`TwoViewTransform` -> normalised float32 model input.
+    """uint8 views from :class:`TwoViewTransform` -> float32 model input, normalised with
+    ``config.mean`` and ``config.std``.
 
     Runs :func:`photometric_batch` when ``config.photometric == "device"``, else
     :func:`normalize_batch`; the training loop calls this and need not know where the
@@ -269,4 +279,4 @@ def prepare_model_input(
     """
     if config.photometric == "device":
         return photometric_batch(views, config, generator)
-    return normalize_batch(views)
+    return normalize_batch(views, config.mean, config.std)

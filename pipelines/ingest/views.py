@@ -31,12 +31,20 @@ class TwoViewFunction:
 
 
 class EvalViewFunction:
-    """One centre-cropped view per image, for kNN monitoring and linear probes; no randomness."""
+    """One centre-cropped view per image, for kNN monitoring and linear probes; no randomness.
+
+    Args:
+        size: output side in pixels.
+        limits: images outside these are rejected before decoding.
+        crop_fraction: the central square's side as a fraction of the shorter side (0.875: the
+            standard ImageNet crop; 1.0: the whole shorter side, no crop, for small square images
+            such as CIFAR's, as the official CIFAR demo evaluates them).
+    """
 
     columns = EVAL_VIEW_COLUMNS
 
-    def __init__(self, size: int, limits: ImageLimits | None = None):
-        self.transform = CenterCropTransform(size, limits=limits)
+    def __init__(self, size: int, limits: ImageLimits | None = None, *, crop_fraction: float = 0.875):
+        self.transform = CenterCropTransform(size, crop_fraction=crop_fraction, limits=limits)
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[tuple[np.ndarray, ...], str | None]:
         view, converted_from = self.transform(data)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from moco_core.augment import AugmentConfig
+from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from moco_core.model import ModelConfig
 from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
@@ -22,20 +22,29 @@ class AugmentSection:
     or ``auto`` (``device`` when training on GPUs, else ``cpu``, the faster on each; docs/BENCHMARKS.md).
     ``blur``: ``gaussian`` (a discrete Gaussian of variance sigma^2, the same on both placements)
     or ``pil`` (PIL's ``GaussianBlur``, as the official code calls it; runs in the readers, so
-    ``auto`` then means ``cpu``)."""
+    ``auto`` then means ``cpu``). ``mean`` / ``std``: per-channel (R, G, B) statistics of [0, 1]
+    pixels that training and evaluation input is normalised with (ImageNet's by default)."""
 
     recipe: Literal["v1", "v2", "cifar"] = "v2"
     size: int = 224
     crop_scale: tuple[float, ...] = (0.2, 1.0)
     photometric: Literal["auto", "cpu", "device"] = "auto"
     blur: Literal["gaussian", "pil"] = "gaussian"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     def resolve(self, on_gpu: bool) -> AugmentConfig:
         placement = self.photometric
         if placement == "auto":
             placement = "device" if on_gpu and self.blur == "gaussian" else "cpu"
         return AugmentConfig(
-            self.recipe, self.size, (self.crop_scale[0], self.crop_scale[1]), photometric=placement, blur=self.blur
+            self.recipe,
+            self.size,
+            (self.crop_scale[0], self.crop_scale[1]),
+            photometric=placement,
+            blur=self.blur,
+            mean=tuple(self.mean),
+            std=tuple(self.std),
         )
 
 
@@ -100,7 +109,12 @@ class CheckpointSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    """Weighted kNN monitor (k=200, t=0.1 as in the official CIFAR demo) on labelled data."""
+    """Weighted kNN monitor (k=200, t=0.1 as in the official CIFAR demo) on labelled data.
+
+    The evaluation view of an image is the central square of ``crop_fraction`` of its shorter
+    side, resized to ``image_size`` (moco_core.augment.CenterCropTransform): 0.875 is the standard
+    ImageNet crop (224 of 256); 1.0 takes the whole shorter side, which for square images (CIFAR's
+    32 px) is the whole image, as the official CIFAR demo evaluates."""
 
     knn_k: int = 200
     knn_temperature: float = 0.1
@@ -108,6 +122,7 @@ class EvalSection:
     bank_size: int = 50_000  # at most this many labelled training images form the kNN bank
     batch_size: int = 256
     image_size: int = 0  # 0: the augmentation size
+    crop_fraction: float = 0.875  # in (0, 1]; 1.0: no crop
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,10 @@ class PretrainConfig:
             (self.checkpoint.keep >= 1, f"checkpoint.keep={self.checkpoint.keep} is invalid: expected >= 1"),
             (self.eval.knn_k >= 1 and self.eval.knn_temperature > 0, "eval.knn_k / eval.knn_temperature invalid"),
             (self.eval.bank_size >= 1 and self.eval.batch_size >= 1, "eval.bank_size / eval.batch_size invalid"),
+            (
+                0 < self.eval.crop_fraction <= 1,
+                f"eval.crop_fraction={self.eval.crop_fraction} is invalid: expected in (0, 1] (1.0: the whole image)",
+            ),
             (self.data.readers >= 0, "data.readers is invalid: expected >= 0 (0 = automatic)"),
             (self.data.local_shuffle_buffer >= 0, "data.local_shuffle_buffer is invalid: expected >= 0"),
             (self.data.min_side >= 1 and self.data.max_pixels >= 1, "data.min_side / data.max_pixels invalid"),

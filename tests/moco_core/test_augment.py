@@ -87,6 +87,11 @@ def test_default_config_is_valid_and_is_moco_v2():
         ("crop_ratio", (2.0, 1.0)),
         ("photometric", "gpu"),
         ("blur", "box"),
+        ("mean", (0.5, 0.5)),
+        ("mean", (0.5, float("nan"), 0.5)),
+        ("std", (0.2, 0.0, 0.2)),
+        ("std", (0.2, -0.1, 0.2)),
+        ("std", (0.2, 0.2, 0.2, 0.2)),
     ],
 )
 def test_validate_names_the_bad_field(field, value):
@@ -397,3 +402,15 @@ def test_center_crop_view_is_deterministic_and_central(photo, large_jpeg):
     assert np.abs(first.astype(np.float32) - expected).mean() < 4.0
     with pytest.raises(ImageDecodeError, match="not_an_image"):
         transform(b"definitely not an image")
+
+
+def test_center_crop_fraction_one_keeps_a_small_square_image_whole():
+    """The official CIFAR-10 demo's test view: the 32 px image itself, no crop and no resampling."""
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    data = _encode(Image.fromarray(pixels), "PNG")
+    whole, _ = CenterCropTransform(size=32, crop_fraction=1.0)(data)
+    assert np.array_equal(whole, pixels)
+    cropped, _ = CenterCropTransform(size=32)(data)  # 28 px centre scaled back up
+    assert np.abs(cropped.astype(int) - pixels).mean() > 10
+    with pytest.raises(ValueError, match="crop_fraction"):
+        CenterCropTransform(size=32, crop_fraction=1.5)

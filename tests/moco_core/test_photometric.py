@@ -139,6 +139,33 @@ def test_normalize_batch_matches_the_formula_and_keeps_layout():
         normalize_batch(views[..., :2])
 
 
+def test_normalize_batch_takes_the_dataset_statistics():
+    views = _colourful_batch(4, size=10)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    expected = (views.permute(0, 3, 1, 2).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1
+    )
+    torch.testing.assert_close(normalize_batch(views, mean, std), expected)
+    assert not torch.allclose(normalize_batch(views), expected)
+
+
+@pytest.mark.parametrize("photometric", ["cpu", "device"])
+def test_model_input_is_normalised_with_the_config_statistics(photometric):
+    """Changing mean/std changes only the final affine map, on both placements."""
+    views = _colourful_batch(16, size=12)
+    imagenet = AugmentConfig(photometric=photometric)
+    cifar = AugmentConfig(photometric=photometric, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+    outputs = []
+    for config in (imagenet, cifar):
+        output = prepare_model_input(views, config, torch.Generator().manual_seed(7))
+        outputs.append(output * torch.tensor(config.std).view(1, 3, 1, 1) + torch.tensor(config.mean).view(1, 3, 1, 1))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(
+        prepare_model_input(views, imagenet, torch.Generator().manual_seed(7)),
+        prepare_model_input(views, cifar, torch.Generator().manual_seed(7)),
+    )
+
+
 def test_prepare_model_input_dispatches_on_where_the_photometric_part_runs():
     views = _colourful_batch(6)
     torch.testing.assert_close(prepare_model_input(views, AugmentConfig(photometric="cpu")), normalize_batch(views))

@@ -1,8 +1,14 @@
 """Recipes load, overrides apply, and every bad value is one line naming the key."""
 
-import pytest
+import io
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD, PHOTOMETRIC_RECIPES, PhotometricRecipe
 from pipelines.config import ConfigError, apply_overrides
+from pipelines.ingest.views import EvalViewFunction
 from pipelines.pretrain.config import load_config, plan_steps
 
 
@@ -26,6 +32,50 @@ def test_recipes_hold_the_paper_settings():
     assert cifar.model.small_image_stem and cifar.model.bn_splits == 8 and cifar.optim.lr == 0.06
     v1 = load_config("in1m-v1")
     assert v1.model.head == "linear" and v1.optim.milestones == (120.0, 160.0) and v1.model.temperature == 0.07
+
+
+def test_cifar_recipe_is_the_official_demo_point_by_point():
+    """recipes/cifar-v2.yaml against the official CIFAR-10 demo's settings (REFERENCE: moco colab notebook)."""
+    config = load_config("cifar-v2")
+    model = config.model
+    assert (model.arch, model.small_image_stem, model.head, model.dim) == ("resnet18", True, "linear", 128)
+    assert (model.mechanism, model.queue_size, model.temperature, model.symmetric) == ("moco", 4096, 0.1, False)
+    assert (model.batchnorm, model.bn_splits) == ("split", 8)
+    assert (config.momentum.base, config.momentum.schedule) == (0.99, "constant")
+    optim = config.optim
+    assert (optim.batch_size, optim.lr, optim.scale_lr, optim.schedule) == (512, 0.06, False, "cosine")
+    assert (optim.weight_decay, optim.sgd_momentum, optim.warmup_steps) == (5e-4, 0.9, 0)
+    assert (config.training.epochs, config.training.total_steps) == (200, 0)
+    for on_gpu in (False, True):
+        augment = config.augment.resolve(on_gpu=on_gpu)
+        assert (augment.size, augment.crop_scale, augment.crop_ratio) == (32, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert augment.mean == (0.4914, 0.4822, 0.4465) and augment.std == (0.2023, 0.1994, 0.2010)
+        assert augment.photometric_recipe == PhotometricRecipe(
+            jitter_strength=(0.4, 0.4, 0.4, 0.1),
+            jitter_probability=0.8,
+            grayscale_probability=0.2,
+            grayscale_before_jitter=False,
+            blur_probability=0.0,
+            blur_sigma=PHOTOMETRIC_RECIPES["cifar"].blur_sigma,
+        )
+    evaluation = config.eval
+    assert (evaluation.knn_k, evaluation.knn_temperature, evaluation.bank_size) == (200, 0.1, 50_000)
+    assert (evaluation.image_size, evaluation.crop_fraction) == (32, 1.0)
+    # The eval view of a 32 px test image is the image itself, as the demo's test_transform.
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    eval_view = EvalViewFunction(evaluation.image_size, crop_fraction=evaluation.crop_fraction)
+    (view,), _ = eval_view(buffer.getvalue(), np.random.default_rng(0))
+    assert np.array_equal(view, pixels)
+
+
+@pytest.mark.parametrize("recipe", ["in1m-v1", "in1m-v2", "ig1b-v1", "demo"])
+def test_other_recipes_keep_imagenet_statistics_and_the_standard_eval_crop(recipe):
+    config = load_config(recipe)
+    augment = config.augment.resolve(on_gpu=False)
+    assert (augment.mean, augment.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert config.eval.crop_fraction == 0.875
 
 
 def test_overrides_parse_yaml_values_and_scientific_notation():
@@ -56,6 +106,11 @@ def test_overrides_parse_yaml_values_and_scientific_notation():
         ("model.batchnorm=shuffle", "needs scaling.workers > 1"),
         ("augment.crop_scale=[0.9, 0.1]", "augment.crop_scale"),
         ("augment.blur=box", "augment.blur='box' is invalid"),
+        ("augment.mean=[0.5, 0.5]", "augment.mean=[0.5, 0.5] is invalid: expected three finite values"),
+        ("augment.std=[0.2, 0, 0.2]", "augment.std=[0.2, 0.0, 0.2] is invalid: expected three finite values > 0"),
+        ("augment.std=0.2", "augment.std=0.2 is invalid: expected a list of float"),
+        ("eval.crop_fraction=0", "eval.crop_fraction=0.0 is invalid: expected in (0, 1]"),
+        ("eval.crop_fraction=1.5", "eval.crop_fraction=1.5 is invalid"),
         ("optim.lr", "not of the form key.sub=value"),
     ],
 )
