@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moco_core.batchnorm import convert_batchnorm
+from moco_core.batchnorm import SplitBatchNorm2d, convert_batchnorm
 from moco_core.mechanisms import EndToEnd, MemoryBankModel, MoCo
 from moco_core.model import ModelConfig, build_model
 from moco_core.training import build_optimizer, train_step
@@ -43,12 +43,18 @@ def test_build_model_gives_each_mechanism_a_trainable_resnet(mechanism):
     model = build_model(
         ModelConfig(**TINY, mechanism=mechanism, queue_size=16, batchnorm="split", bn_splits=2), num_samples=8
     )
-    optimizer = build_optimizer(model)
+    expected_type = {"moco": MoCo, "end_to_end": EndToEnd, "memory_bank": MemoryBankModel}[mechanism]
+    assert type(model) is expected_type
+    split_layers = [m for m in model.query_encoder.modules() if isinstance(m, SplitBatchNorm2d)]
+    assert len(split_layers) == 20 and all(m.num_splits == 2 for m in split_layers)  # every BN of a resnet18
+    optimizer = build_optimizer(model, weight_decay=1e-4)
     query, key, indices = next(synthetic_views(8, 16)(8))
-    before = model.query_encoder.backbone.conv1.weight.clone()
-    result = train_step(model, optimizer, query, key, lr=0.1, momentum=0.99, sample_indices=indices)
-    assert torch.isfinite(result.loss) and 0.0 <= result.pretext_top1.item() <= 100.0
-    assert not torch.equal(before, model.query_encoder.backbone.conv1.weight)
+    conv1 = model.query_encoder.backbone.conv1.weight
+    before = conv1.detach().clone()
+    train_step(model, optimizer, query, key, lr=0.1, momentum=0.99, sample_indices=indices)
+    # The first SGD step moves the query backbone by exactly -lr * (grad + weight_decay * w).
+    assert conv1.grad is not None and conv1.grad.abs().sum() > 0
+    torch.testing.assert_close(conv1.detach(), before - 0.1 * (conv1.grad + 1e-4 * before))
 
 
 def test_moco_enqueues_keys_and_never_trains_the_momentum_encoder():
