@@ -1,4 +1,7 @@
-"""``moco bench ...``: benchmarks that print JSON with a ``ratio`` against a baseline."""
+"""``moco bench ...``: benchmarks that print JSON with a ``ratio`` against a baseline.
+
+Added to the ``moco`` command by ``benchmarks/entry_point.py``; ``pipelines`` does not know of it.
+"""
 
 from __future__ import annotations
 

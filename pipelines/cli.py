@@ -1,9 +1,13 @@
-"""The ``moco`` command line.
+"""The ``moco`` command line: the product's commands.
 
 Conventions for every subcommand: ``--json`` prints the command's results as one JSON object on
 the last stdout line; progress goes to stderr; a failure exits non-zero with one clear line on
 stderr (the traceback only with ``--debug``). Each subcommand lives beside its implementation and
-registers itself here through a ``register(commands, common)`` function.
+registers itself through a ``register(commands, common)`` function.
+
+``python -m pipelines.cli`` runs the commands listed in :data:`PRODUCT_COMMANDS`. The installed
+``moco`` script (``benchmarks/entry_point.py``) adds ``moco bench`` by passing its registrar to
+:func:`main`: the benchmarks depend on the product, never the reverse.
 """
 
 from __future__ import annotations
@@ -14,32 +18,31 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from benchmarks import cli as bench_cli
 from moco_core import __version__
 from pipelines import demo
 from pipelines.cli_common import UserError, common_options
 from pipelines.ingest import shard_command
 from pipelines.pretrain import command as pretrain_command
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]] = [
+#: Adds one subcommand: ``register(commands, common)`` with the subparsers and the common options.
+Registrar = Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]
+
+PRODUCT_COMMANDS: tuple[Registrar, ...] = (
     shard_command.register,
     pretrain_command.register,
     demo.register,
-    bench_cli.register,
-]
+)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moco",
-        description="MoCo self-supervised pretraining on Ray: build shards, pretrain, evaluate, benchmark.",
-        epilog="Run 'moco COMMAND --help' for a command's options.",
-    )
+def build_parser(registrars: Sequence[Registrar] = PRODUCT_COMMANDS) -> argparse.ArgumentParser:
+    """The ``moco`` parser with one subcommand per registrar; the description names exactly those."""
+    parser = argparse.ArgumentParser(prog="moco", epilog="Run 'moco COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"moco {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     common = common_options()
-    for register in REGISTRARS:
+    for register in registrars:
         register(commands, common)
+    parser.description = f"MoCo self-supervised pretraining on Ray. Commands: {', '.join(commands.choices)}."
     return parser
 
 
@@ -51,8 +54,14 @@ def _print_results(results: dict, as_json: bool) -> None:
         print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, registrars: Sequence[Registrar] = PRODUCT_COMMANDS) -> int:
+    """Run one ``moco`` command; returns the exit status.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+        registrars: the subcommands offered (default: the product's).
+    """
+    parser = build_parser(registrars)
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], dict] | None = getattr(args, "handler", None)
     if handler is None:
