@@ -3,6 +3,7 @@ before Ray starts, written beside the outputs and into every checkpoint."""
 
 from __future__ import annotations
 
+import importlib.resources
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,7 +13,21 @@ from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from moco_core.model import ModelConfig
 from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+def _recipes_dir() -> Path:
+    """The built-in recipes: ``recipes/`` installed as the ``moco_recipes`` package (pyproject.toml),
+    so a wheel, ``pip install .`` or a cluster image has them; a source checkout that is not
+    installed, or was installed before they became package data, falls back to ``recipes/`` beside
+    the code."""
+    try:
+        recipes = importlib.resources.files("moco_recipes")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "recipes"
+    # Installed packages are plain directories (wheels are unpacked), so this is a filesystem path.
+    return Path(str(recipes))
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 @dataclass(frozen=True)
@@ -255,7 +270,7 @@ class PretrainConfig:
 
 
 def recipe_path(name_or_path: str) -> Path:
-    """A recipe by name (``recipes/<name>.yaml``) or a path to a YAML file."""
+    """A recipe by name (``recipes/<name>.yaml``, found in :data:`RECIPES_DIR`) or a path to a YAML file."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.is_file():
