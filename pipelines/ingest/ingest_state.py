@@ -1,10 +1,9 @@
-"""Shared state of one ingest stream, held by a small actor: counts of skipped and converted
-images, and where a restarted stream should resume.
+"""Shared state of a run's ingest, held by a small actor: counts of images delivered, skipped and
+converted, and how far each reader lane may run ahead of training.
 
-Skipped images produce no rows, so their counts cannot travel with the data; each reader
-reports here after every unit it reads, and the trainer reads a snapshot when it logs. After a
-worker-group restart the dataset runs again from its first unit; the trainer sets the resume
-position here first, and readers pass over units before it without reading them.
+Skipped images produce no rows, so their counts cannot travel with the data; each lane reports
+here after every group it reads, and the trainer reads a snapshot when it logs. The trainer also
+posts how many rows of each lane it has consumed; a lane that is a window ahead waits for it.
 """
 
 from __future__ import annotations
@@ -14,15 +13,14 @@ import ray
 
 @ray.remote(num_cpus=0)
 class IngestState:
-    """Totals by reason (``skipped``: dropped images; ``converted``: e.g. CMYK -> RGB) and the
-    stream position (in units over all epochs) below which readers skip."""
+    """Totals by reason (``skipped``: dropped images; ``converted``: e.g. CMYK -> RGB)."""
 
     def __init__(self) -> None:
         self.delivered = 0
         self.skipped: dict[str, int] = {}
         self.converted: dict[str, int] = {}
         self.first_error = ""
-        self.resume_position = 0
+        self.consumed_rows: dict[tuple[str, int], int] = {}  # (stream id, lane) -> rows consumed
 
     def add(self, delivered: int, skipped: dict[str, int], converted: dict[str, int], first_error: str = "") -> None:
         self.delivered += delivered
@@ -33,6 +31,14 @@ class IngestState:
         if first_error and not self.first_error:
             self.first_error = first_error
 
+    def report_consumed(self, stream: str, rows_by_lane: dict[int, int]) -> None:
+        """The consumer of ``stream`` has consumed this many rows of each lane so far."""
+        for lane, rows in rows_by_lane.items():
+            self.consumed_rows[(stream, lane)] = rows
+
+    def consumed(self, stream: str, lane: int) -> int:
+        return self.consumed_rows.get((stream, lane), 0)
+
     def snapshot(self) -> dict:
         return {
             "delivered": self.delivered,
@@ -41,9 +47,3 @@ class IngestState:
             "converted_by_mode": dict(self.converted),
             "first_error": self.first_error,
         }
-
-    def set_resume_position(self, position: int) -> None:
-        self.resume_position = position
-
-    def get_resume_position(self) -> int:
-        return self.resume_position

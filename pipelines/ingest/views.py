@@ -24,6 +24,7 @@ class TwoViewFunction:
 
     def __init__(self, config: AugmentConfig, limits: ImageLimits | None = None):
         self.transform = TwoViewTransform(config, limits)
+        self.bytes_per_row = 2 * config.size * config.size * 3
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[tuple[np.ndarray, ...], str | None]:
         views = self.transform(data, rng)
@@ -45,6 +46,7 @@ class EvalViewFunction:
 
     def __init__(self, size: int, limits: ImageLimits | None = None, *, crop_fraction: float = 0.875):
         self.transform = CenterCropTransform(size, crop_fraction=crop_fraction, limits=limits)
+        self.bytes_per_row = size * size * 3
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[tuple[np.ndarray, ...], str | None]:
         view, converted_from = self.transform(data)

@@ -71,9 +71,9 @@ class DataSection:
     image_column: str | None = None
     label_column: str | None = None
     key_column: str | None = None
-    readers: int = 0  # Ray Data reader tasks; 0: the CPUs the trainer leaves free (at least 1)
-    shuffle: bool = True
-    local_shuffle_buffer: int = 0  # rows; 0 disables the (throughput-costly) local buffer
+    readers: int = 0  # reader lanes in all (one CPU each); 0: the CPUs the trainer leaves free (>= 1 per worker)
+    shuffle: bool = True  # new unit order and row order every epoch
+    shuffle_pool: int = 2048  # images read and shuffled together (encoded bytes held per reader lane)
     min_side: int = 8
     max_pixels: int = 89_478_485
 
@@ -163,9 +163,11 @@ class ScalingSection:
 
 @dataclass(frozen=True)
 class DebugSection:
-    """Testing aids. ``fail_at_step``: the last worker raises once, at that step, on a fresh start."""
+    """Testing aids. ``fail_at_step``: the last worker raises once, at that step, on a fresh start.
+    ``record_batches``: write which images every step trained on (local run directories only)."""
 
     fail_at_step: int = 0
+    record_batches: bool = False  # every rank appends each batch's (epoch, index) to OUTPUT/debug_batches_rank<r>.jsonl
 
 
 @dataclass(frozen=True)
@@ -240,7 +242,7 @@ class PretrainConfig:
                 f"eval.crop_fraction={self.eval.crop_fraction} is invalid: expected in (0, 1] (1.0: the whole image)",
             ),
             (self.data.readers >= 0, "data.readers is invalid: expected >= 0 (0 = automatic)"),
-            (self.data.local_shuffle_buffer >= 0, "data.local_shuffle_buffer is invalid: expected >= 0"),
+            (self.data.shuffle_pool >= 1, f"data.shuffle_pool={self.data.shuffle_pool} is invalid: expected >= 1"),
             (self.data.min_side >= 1 and self.data.max_pixels >= 1, "data.min_side / data.max_pixels invalid"),
             (
                 not (self.model.batchnorm == "sync" and self.scaling.workers > 1 and self.scaling.gpus_per_worker == 0),

@@ -17,10 +17,8 @@ directory layout::
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +28,17 @@ from moco_core.image_io import ImageLimits
 from pipelines.cli_common import UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
-from pipelines.ingest.dataset import StreamPosition, build_view_dataset, quiet_ray_data
-from pipelines.ingest.sources import Collection, ColumnNames, check_decodable, plan_collection
+from pipelines.ingest.planning import plan_collection
+from pipelines.ingest.sources import check_decodable
+from pipelines.ingest.stream import build_view_dataset, plan_layout
+from pipelines.ingest.units import Collection, ColumnNames
 from pipelines.ingest.views import EvalViewFunction, TwoViewFunction
 from pipelines.pretrain.checkpoints import POINTER_NAME, read_pointer
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
+from pipelines.pretrain.plan import PretrainPlan
 from pipelines.pretrain.run_files import read_json, read_text, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
+from pipelines.ray_runtime import ensure_ray
 
 RUN_INPUTS = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -62,34 +64,27 @@ def _plan(paths: list[str], config: PretrainConfig, role: str) -> Collection:
     return collection
 
 
-def _labelled(collection: Collection) -> bool:
-    return collection.columns.label is not None or bool(collection.class_names)
-
-
 def _knn_collections(train: Collection, val: Collection | None) -> tuple[Collection, Collection] | None:
     """(bank, queries) for the kNN monitor: the labelled training data against the validation
     data; with unlabelled training data, the validation data's units split in two."""
     if val is None:
         return None
-    if not _labelled(val):
+    if not val.labelled:
         raise ConfigError("--val-data has no labels (class folders, a label column or .cls): kNN needs them")
-    if _labelled(train):
+    if train.labelled:
         return train, val
     if len(val.units) < 2:
         raise ConfigError(
             "--val-data is one read unit; with unlabelled training data it is split in two "
-            "for kNN, so give it at least two row groups / file chunks"
+            "for kNN, so give it at least two row groups / files"
         )
-    return replace(val, units=val.units[::2]), replace(val, units=val.units[1::2])
+    return val.select(slice(0, None, 2)), val.select(slice(1, None, 2))
 
 
-def _ensure_ray(config: PretrainConfig) -> None:
+def _check_cluster(config: PretrainConfig) -> None:
+    """The trainer must leave CPUs to the data readers (checked before anything is created)."""
     import ray
 
-    if not ray.is_initialized():
-        # Joins a running cluster (RAY_ADDRESS, `ray job submit`), else starts a local one.
-        ray.init(configure_logging=True, logging_level="WARNING")
-    quiet_ray_data()
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     trainer_cpus = config.scaling.workers * config.scaling.cpus_per_worker
     if trainer_cpus >= cluster_cpus:
@@ -99,20 +94,31 @@ def _ensure_ray(config: PretrainConfig) -> None:
         )
 
 
-def _readers(config: PretrainConfig) -> int:
+def _reader_lanes(config: PretrainConfig) -> tuple[int, float]:
+    """(lanes per worker, CPUs per lane). Lanes in all: ``data.readers``, else the CPUs the trainer
+    leaves free, at least one per worker; they share those CPUs, since every lane runs all along."""
     import ray
 
-    if config.data.readers:
-        return config.data.readers
     free = ray.cluster_resources().get("CPU", 1) - config.scaling.workers * config.scaling.cpus_per_worker
-    return max(1, int(free))
+    lanes = config.data.readers or max(config.scaling.workers, int(free))
+    per_worker = max(1, lanes // config.scaling.workers)
+    return per_worker, min(1.0, free / (per_worker * config.scaling.workers))
 
 
-def _start_position(resume_state: dict[str, Any] | None, units_per_epoch: int) -> StreamPosition:
-    if not resume_state:
-        return StreamPosition()
-    position = int(resume_state["data_position"])
-    return StreamPosition(epoch=position // units_per_epoch, unit_position=position % units_per_epoch)
+def _eval_datasets(
+    knn_sets: tuple[Collection, Collection], config: PretrainConfig, limits: ImageLimits, lanes: int
+) -> dict[str, Any]:
+    """The kNN bank and queries: read while training waits for them, so their lanes reserve no CPU
+    (the training lanes hold theirs all along)."""
+    eval_view = EvalViewFunction(
+        config.eval.image_size or config.augment.size, limits, crop_fraction=config.eval.crop_fraction
+    )
+    datasets: dict[str, Any] = {}
+    for name, collection in zip(("knn_bank", "knn_query"), knn_sets):
+        layout = plan_layout(collection, lanes_per_worker=min(lanes, len(collection.units)), shuffle=False)
+        datasets[name] = build_view_dataset(collection, eval_view, layout, end_epoch=1, lane_cpus=0).dataset
+    datasets["knn_bank"] = datasets["knn_bank"].limit(config.eval.bank_size)
+    return datasets
 
 
 def run_pretraining(
@@ -143,13 +149,21 @@ def run_pretraining(
             f"{output} already holds a run ({POINTER_NAME}); continue it with --resume {output} "
             "or choose a new --output"
         )
+    ensure_ray()
+    _check_cluster(config)
     train = _plan(data, config, "--data")
     val = _plan(val_data, config, "--val-data") if val_data else None
     knn_sets = _knn_collections(train, val)
     steps_per_epoch, total_steps = plan_steps(config, train.num_images or 0)
-    units_per_epoch = len(train.units)
-    # One epoch of margin: equal splitting across workers and whole batches drop a few images per epoch.
-    end_epoch = int(math.ceil(total_steps / steps_per_epoch)) + 1
+    lanes_per_worker, lane_cpus = _reader_lanes(config)
+    layout = plan_layout(
+        train,
+        workers=config.scaling.workers,
+        lanes_per_worker=lanes_per_worker,
+        pool=config.data.shuffle_pool,
+        seed=config.training.seed,
+        shuffle=config.data.shuffle,
+    )
     config_dict = config_to_dict(config)
 
     local_output = Path(output) if "://" not in output else None
@@ -170,53 +184,39 @@ def run_pretraining(
                 "num_images": train.num_images,
                 "total_steps": total_steps,
                 "steps_per_epoch": steps_per_epoch,
+                "units_per_group": layout.units_per_group,
+                "reader_lanes": layout.total_lanes,
             }
         )
 
-    _ensure_ray(config)
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from pipelines.ingest.ingest_state import IngestState
     from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
 
-    ingest_state = IngestState.remote()
     limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
     augment = config.augment.resolve(on_gpu=config.scaling.gpus_per_worker > 0)
-    readers = _readers(config)
-    train_stream, _ = build_view_dataset(
-        train,
-        TwoViewFunction(augment, limits),
-        end_epoch=end_epoch,
-        seed=config.training.seed,
-        shuffle=config.data.shuffle,
-        start=_start_position(pointer if resume else None, units_per_epoch),
-        readers=readers,
-        ingest_state=ingest_state,
+    datasets = _eval_datasets(knn_sets, config, limits, layout.total_lanes) if knn_sets is not None else {}
+    plan = PretrainPlan(
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        num_images=train.num_images or 0,
+        run_dir=output,
+        collection=ray.put(train),
+        layout=layout,
+        lane_cpus=lane_cpus,
+        train_view=TwoViewFunction(augment, limits),
+        ingest_state=IngestState.remote(),
+        mlflow_run_id=tracker.run_id,
+        tracking_uri=tracking_uri,
+        has_knn=knn_sets is not None,
+        num_classes=max(len(train.class_names), len(val.class_names) if val else 0) or None,
     )
-    datasets = {"train": train_stream}
-    if knn_sets is not None:
-        eval_view = EvalViewFunction(config.eval.image_size or config.augment.size, limits)
-        bank, _ = build_view_dataset(knn_sets[0], eval_view, end_epoch=1, shuffle=False, readers=readers)
-        queries, _ = build_view_dataset(knn_sets[1], eval_view, end_epoch=1, shuffle=False, readers=readers)
-        datasets.update(knn_bank=bank.limit(config.eval.bank_size), knn_query=queries)
-    execution = ray.train.DataConfig.default_ingest_options()
-    execution.preserve_order = True  # resume positions rely on units arriving in plan order
-    run_info = {
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "units_per_epoch": units_per_epoch,
-        "num_images": train.num_images,
-        "run_dir": output,
-        "ingest_state": ingest_state,
-        "mlflow_run_id": tracker.run_id,
-        "tracking_uri": tracking_uri,
-        "has_knn": knn_sets is not None,
-        "num_classes": max(len(train.class_names), len(val.class_names) if val else 0) or None,
-    }
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_dict, "run": run_info},
+        train_loop_config={"config": config_dict, "plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.workers,
             use_gpu=config.scaling.gpus_per_worker > 0,
@@ -232,12 +232,15 @@ def run_pretraining(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
+        # The training stream is built by each worker for its own lanes (pipelines.ingest.stream);
+        # only the kNN datasets go through Ray Train, unsplit.
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options={"train": execution}),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     note(
         f"pretraining: {train.num_images} images, {total_steps} steps of {config.optim.batch_size} "
-        f"({steps_per_epoch} per epoch) on {config.scaling.workers} worker(s); run directory {output}"
+        f"({steps_per_epoch} per epoch) on {config.scaling.workers} worker(s), {layout.total_lanes} reader "
+        f"lane(s), {layout.units_per_group} read unit(s) mixed per group; run directory {output}"
     )
     try:
         result = trainer.fit()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.ingest.sources import resolve_filesystem
+from pipelines.filesystems import resolve_filesystem
 
 
 def write_text(run_dir: str, name: str, text: str) -> None:

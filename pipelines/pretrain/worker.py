@@ -2,19 +2,24 @@
 
 ``train_loop_per_worker`` rebuilds the config and runs :class:`PretrainRunner`: build the model
 (DDP over the worker group), restore the latest checkpoint if Ray Train hands one over (a
-restart after a failure, or a resumed run), then step through the stream. Decisions every rank
-must take together (epoch ended, loss non-finite, where the data is) are all-reduced once per
-step, so the ranks never disagree about when to call ``ray.train.report`` (a barrier).
+restart after a failure, or a resumed run), build this worker's own lanes of the Ray Data stream
+from the checkpoint's stream positions, then step. Epoch ends, logging and checkpoints follow
+from the step count alone, so every rank takes them together without talking; the only
+collectives outside the model are at log and checkpoint steps (is any loss non-finite, where
+is every lane), never per step, so an accelerator's queue never drains for a host sync.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -28,22 +33,36 @@ from moco_core.photometric import normalize_batch, prepare_model_input
 from moco_core.schedules import build_lr_schedule, build_momentum_schedule
 from moco_core.training import ComputeSettings, build_optimizer, train_step
 from pipelines.console import format_duration, note
-from pipelines.ingest.dataset import quiet_ray_data
-from pipelines.pretrain.checkpoints import TrainingState, load_checkpoint, save_checkpoint, write_pointer
+from pipelines.ingest.stream import (
+    StreamLayout,
+    StreamProgress,
+    build_view_dataset,
+    lane_window,
+    restart_positions,
+)
+from pipelines.pretrain.checkpoints import (
+    RankRandomState,
+    TrainingState,
+    load_checkpoint,
+    save_checkpoint,
+    write_pointer,
+)
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict
+from pipelines.pretrain.plan import PretrainPlan
 from pipelines.pretrain.run_files import write_json
 from pipelines.pretrain.tracking import Tracker
+from pipelines.ray_runtime import quiet_ray_data
 
 WORKER_SUMMARY = "worker_summary.json"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_config``: ``{"config": <PretrainConfig as dict>, "run": {...}}``."""
+    """Ray Train entry point. ``loop_config``: ``{"config": <PretrainConfig as dict>, "plan": PretrainPlan}``."""
     quiet_ray_data()
     config = config_from_mapping(loop_config["config"])
     if config.training.torch_threads:
         torch.set_num_threads(config.training.torch_threads)
-    PretrainRunner(config, loop_config["run"]).run()
+    PretrainRunner(config, loop_config["plan"]).run()
 
 
 def compute_settings(config: PretrainConfig, device: torch.device) -> ComputeSettings:
@@ -67,33 +86,30 @@ class PretrainRunner:
 
     Args:
         config: the validated job config.
-        run: what the driver worked out: ``total_steps``, ``steps_per_epoch``, ``units_per_epoch``,
-            ``num_images``, ``run_dir``, ``ingest_state`` (actor handle), ``mlflow_run_id``,
-            ``tracking_uri``, ``has_knn`` (labelled eval data given), ``num_classes``.
+        plan: what the driver decided (steps, the stream layout, the MLflow run, ...).
     """
 
-    def __init__(self, config: PretrainConfig, run: dict[str, Any]):
+    def __init__(self, config: PretrainConfig, plan: PretrainPlan):
         self.config = config
-        self.run_info = run
+        self.plan = plan
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.augment = config.augment.resolve(on_gpu=self.device.type == "cuda")
         self.settings = compute_settings(config, self.device)
         torch.manual_seed(config.training.seed + self.rank)
-        self.total_steps: int = run["total_steps"]
-        self.units_per_epoch: int = run["units_per_epoch"]
-        self.run_dir: str = run["run_dir"]
+        self.total_steps = plan.total_steps
+        self.run_dir = plan.run_dir
         local_metrics = Path(self.run_dir) / "metrics.jsonl" if self.rank == 0 and "://" not in self.run_dir else None
-        self.tracker = Tracker(run["tracking_uri"], config.tracking.enabled and self.rank == 0, local_metrics)
-        self.tracker.attach(run["mlflow_run_id"] if self.rank == 0 else None)
+        self.tracker = Tracker(plan.tracking_uri, config.tracking.enabled and self.rank == 0, local_metrics)
+        self.tracker.attach(plan.mlflow_run_id if self.rank == 0 else None)
 
-        model = build_model(config.model, num_samples=run["num_images"])
+        model = build_model(config.model, num_samples=plan.num_images)
         if self.settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, config.optim.weight_decay, config.optim.sgd_momentum)
-        milestones = [int(round(epoch * run["steps_per_epoch"])) for epoch in config.optim.milestones]
+        milestones = [int(round(epoch * plan.steps_per_epoch)) for epoch in config.optim.milestones]
         self.lr = build_lr_schedule(
             config.optim.schedule,
             config.base_lr,
@@ -104,7 +120,9 @@ class PretrainRunner:
             warmup_steps=config.optim.warmup_steps,
         )
         self.momentum = build_momentum_schedule(config.momentum.schedule, config.momentum.base, self.total_steps)
-        self.state = TrainingState(mlflow_run_id=run["mlflow_run_id"])
+        self.generator = torch.Generator().manual_seed(config.training.seed * 1000 + self.rank)
+        self.state = TrainingState(mlflow_run_id=plan.mlflow_run_id)
+        self.progress = StreamProgress(plan.layout.total_lanes)
         self.restored = self._restore()
         # DDP after restoring, so every rank starts from the same weights. Buffers (queue, BN
         # statistics) are kept consistent by the algorithm itself, not broadcast every step.
@@ -115,7 +133,8 @@ class PretrainRunner:
             if self.world > 1
             else self.model
         )
-        self.generator = torch.Generator().manual_seed(config.training.seed * 1000 + self.rank)
+        # Set when any step's loss is non-finite; read (one all-reduce) only at log and checkpoint steps.
+        self.non_finite = torch.zeros(1, dtype=torch.int64, device=self.device)
 
     # ------------------------------------------------------------------ restore / checkpoint
 
@@ -124,24 +143,59 @@ class PretrainRunner:
         if checkpoint is None:
             return False
         with checkpoint.as_directory() as directory:
-            self.state = load_checkpoint(Path(directory), self.model, self.optimizer)
+            self.state, random_states = load_checkpoint(Path(directory), self.model, self.optimizer)
+        if len(random_states) == self.world:
+            random_states[self.rank].restore(self.generator, self.device)
+        layout = self.plan.layout
+        if self.state.stream_layout and self.state.stream_positions is not None:
+            saved = StreamLayout(**self.state.stream_layout)
+            positions = np.array(self.state.stream_positions, dtype=np.int64)
+            self.progress = StreamProgress(layout.total_lanes, restart_positions(layout, saved, positions))
+            if saved != layout and self.rank == 0:
+                note(
+                    "the stream layout changed since the checkpoint (workers or readers): restarting every reader "
+                    "at the oldest group in flight, so a few groups of images are seen twice"
+                )
         if self.rank == 0:
-            note(f"resuming at step {self.state.step} (epoch {self.state.epoch}, data unit {self.state.data_position})")
-            ray.get(self.run_info["ingest_state"].set_resume_position.remote(self.state.data_position))
-        if self.world > 1:
-            dist.barrier()  # the stream must not start before the resume position is set
+            note(f"resuming at step {self.state.step} (epoch {self.state.epoch})")
         return True
+
+    def _random_states(self) -> list[RankRandomState]:
+        """Every rank's RNG streams, gathered to all ranks (checkpoint steps only)."""
+        mine = RankRandomState.capture(self.generator, self.device)
+        if self.world == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def _stream_positions(self) -> np.ndarray:
+        """Every lane's last consumed position (each lane belongs to one rank: max-reduce)."""
+        positions = torch.from_numpy(self.progress.positions).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(positions, op=dist.ReduceOp.MAX)
+        return positions.cpu().numpy()
 
     def _report(self, metrics: dict[str, float], with_checkpoint: bool) -> None:
         """All ranks call this together (ray.train.report is a barrier); rank 0 writes the checkpoint."""
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        self.state.stream_layout = asdict(self.plan.layout)
+        self.state.stream_positions = self._stream_positions().tolist()
+        random_states = self._random_states()
         name = f"checkpoint_step{self.state.step:09d}"
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
-                save_checkpoint(Path(directory), self.model, self.optimizer, self.state, config_to_dict(self.config))
+                save_checkpoint(
+                    Path(directory),
+                    self.model,
+                    self.optimizer,
+                    self.state,
+                    config_to_dict(self.config),
+                    random_states,
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         if self.rank == 0:  # report returned: the checkpoint is in storage and registered
@@ -151,7 +205,7 @@ class PretrainRunner:
 
     def _knn_top1(self) -> float | None:
         """kNN top-1 (percent) of the current backbone on the labelled eval data; rank 0 computes."""
-        if not self.run_info["has_knn"]:
+        if not self.plan.has_knn:
             return None
         result = torch.zeros(1, device=self.device)
         if self.rank == 0:
@@ -162,7 +216,7 @@ class PretrainRunner:
                 bank_labels,
                 query_features,
                 query_labels,
-                num_classes=self.run_info["num_classes"],
+                num_classes=self.plan.num_classes,
                 k=self.config.eval.knn_k,
                 temperature=self.config.eval.knn_temperature,
             )
@@ -173,8 +227,9 @@ class PretrainRunner:
     def _features(self, dataset_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit backbone features and labels of an eval dataset (moco_core.knn.extract_features)."""
         shard = ray.train.get_dataset_shard(dataset_name)
+        mean, std = self.augment.mean, self.augment.std
         batches = (
-            (self.settings.prepare(normalize_batch(batch["image"].to(self.device))), batch["label"])
+            (self.settings.prepare(normalize_batch(batch["image"].to(self.device), mean, std)), batch["label"])
             for batch in shard.iter_torch_batches(batch_size=self.config.eval.batch_size)
         )
         with self.settings.autocast(self.device):
@@ -182,14 +237,12 @@ class PretrainRunner:
 
     # ------------------------------------------------------------------ the loop
 
-    def _agree(self, epoch: int, position: int, loss: torch.Tensor) -> tuple[int, int, bool]:
-        """(max epoch, min data position, any loss non-finite) over the ranks, in one all-reduce."""
-        non_finite = (~torch.isfinite(loss.detach())).to(torch.int64).reshape(1)
-        values = torch.cat([torch.tensor([epoch, -position], dtype=torch.int64, device=loss.device), non_finite])
+    def _any_non_finite(self) -> bool:
+        """Whether any rank's loss was non-finite at any step so far (one all-reduce)."""
+        flag = self.non_finite.clone()
         if self.world > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.MAX)
-        epoch, negative_position, flag = values.tolist()
-        return epoch, -negative_position, bool(flag)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _step(self, batch: dict[str, torch.Tensor]) -> ContrastiveLoss:
         step = self.state.step
@@ -207,56 +260,84 @@ class PretrainRunner:
             settings=self.settings,
         )
 
+    def _batches(self) -> Generator[dict[str, torch.Tensor], None, None]:
+        """This worker's lanes of the training stream, from the restored positions on."""
+        layout, batch_size = self.plan.layout, self.config.per_worker_batch_size
+        stream = build_view_dataset(
+            self.plan.collection,
+            self.plan.train_view,
+            layout,
+            worker=self.rank,
+            positions=self.progress.positions,
+            ingest_state=self.plan.ingest_state,
+            lane_cpus=self.plan.lane_cpus,
+            window_rows=lane_window(layout, batch_size),
+        )
+        return stream.training_batches(batch_size, self.progress)
+
     def run(self) -> None:
-        config = self.config
-        if not self.restored and self.run_info["has_knn"]:
+        if not self.restored and self.plan.has_knn:
             self.state.knn_top1_random_init = self._knn_top1()  # the same backbone before any training
             if self.rank == 0:
                 note(f"kNN top-1 at random initialisation: {self.state.knn_top1_random_init:.2f}%")
-        batches = ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=config.per_worker_batch_size,
-            drop_last=True,
-            prefetch_batches=2,
-            local_shuffle_buffer_size=config.data.local_shuffle_buffer or None,
-            local_shuffle_seed=config.training.seed if config.data.local_shuffle_buffer else None,
-        )
-        iterator = iter(batches)
+        iterator = self._batches()
+        try:
+            stopped, last, first_step, started = self._train(iterator)
+        finally:
+            iterator.close()  # stops this worker's lanes
+        self._finish(stopped, first_step, started, last)
+
+    def _train(self, iterator: Iterator[dict[str, torch.Tensor]]) -> tuple[str, dict[str, float], int, float]:
+        """Steps until ``total_steps`` or a stop; returns (why it stopped, last logged metrics,
+        first step, start time)."""
+        config, steps_per_epoch = self.config, self.plan.steps_per_epoch
         window, started, first_step = _Window(), time.perf_counter(), self.state.step
         last: dict[str, float] = {}
         stopped = ""
         while self.state.step < self.total_steps:
             waited = time.perf_counter()
             batch = next(iterator, None)
-            if batch is None:
-                break
             window.waiting += time.perf_counter() - waited
+            if batch is None:
+                stopped = f"the training stream ended at step {self.state.step}"
+                break
+            if config.debug.record_batches:
+                self._record_batch(batch)
             self._maybe_inject_failure()
             result = self._step(batch)
+            self.non_finite |= (~torch.isfinite(result.loss.detach())).to(torch.int64).reshape(1)
             self.state.step += 1
             self.state.images_seen += config.optim.batch_size
             window.steps += 1
-            epoch, position, non_finite = self._agree(
-                int(batch["epoch"].max()),
-                int((batch["epoch"] * self.units_per_epoch + batch["unit_position"]).min()),
-                result.loss,
-            )
-            if non_finite:
-                stopped = f"loss became non-finite at step {self.state.step}"
-                break
-            epoch_ended, final = epoch > self.state.epoch, self.state.step >= self.total_steps
-            if epoch_ended or final or self.state.step % config.training.log_every_steps == 0:
-                last = self._log_step(result, window, epoch)
-                window = _Window()
-            if epoch_ended and config.eval.every_epochs and epoch % config.eval.every_epochs == 0 and not final:
-                self._log_knn(epoch)
-            self.state.epoch, self.state.data_position = epoch, position
+            step = self.state.step
+            epoch_ended, final = step % steps_per_epoch == 0, step >= self.total_steps
+            self.state.epoch = step // steps_per_epoch
             every = config.checkpoint.every_steps
-            if final or (every and self.state.step % every == 0) or (epoch_ended and config.checkpoint.at_epoch_end):
+            checkpoint_now = final or (every and step % every == 0) or (epoch_ended and config.checkpoint.at_epoch_end)
+            log_now = epoch_ended or final or step % config.training.log_every_steps == 0
+            if (log_now or checkpoint_now) and self._any_non_finite():
+                stopped = f"loss became non-finite by step {step}"
+                break
+            if log_now:
+                last = self._log_step(result, window, self.state.epoch)
+                window = _Window()
+            if epoch_ended and config.eval.every_epochs and self.state.epoch % config.eval.every_epochs == 0:
+                if not final:
+                    self._log_knn(self.state.epoch)
+            if checkpoint_now:
                 self._report(
-                    {"step": self.state.step, "epoch": epoch, "loss": last.get("loss", float("nan"))},
+                    {"step": step, "epoch": self.state.epoch, "loss": last.get("loss", float("nan"))},
                     with_checkpoint=True,
                 )
-        self._finish(stopped, first_step, started, last)
+        return stopped, last, first_step, started
+
+    def _record_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """debug.record_batches: which images the next step trains on, appended per rank."""
+        if "://" in self.run_dir:
+            return
+        record = {"step": self.state.step + 1, "epoch": batch["epoch"].tolist(), "index": batch["index"].tolist()}
+        with open(Path(self.run_dir) / f"debug_batches_rank{self.rank}.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def _maybe_inject_failure(self) -> None:
         fail_at = self.config.debug.fail_at_step
@@ -283,7 +364,7 @@ class PretrainRunner:
             "epoch": float(epoch),
         }
         if self.rank == 0:
-            skipped = ray.get(self.run_info["ingest_state"].snapshot.remote())["skipped"]
+            skipped = ray.get(self.plan.ingest_state.snapshot.remote())["skipped"]
             metrics["skipped_images"] = float(skipped)
             self.tracker.log_metrics(metrics, self.state.step)
             remaining = (self.total_steps - self.state.step) * self.config.optim.batch_size / metrics["images_per_s"]
@@ -324,7 +405,7 @@ class PretrainRunner:
         }
         outcome["queue_identical_across_workers"] = self._queue_identical()
         if self.rank == 0:
-            counts = ray.get(self.run_info["ingest_state"].snapshot.remote())
+            counts = ray.get(self.plan.ingest_state.snapshot.remote())
             outcome.update(
                 skipped_images=counts["skipped"],
                 skipped_by_reason=counts["skipped_by_reason"],

@@ -1,7 +1,7 @@
 """The demo datasets are built offline, labelled, and sharded once."""
 
 from pipelines.demo import build_demo_shards
-from pipelines.ingest.sources import plan_collection
+from pipelines.ingest.planning import plan_collection
 
 
 def test_photo_and_digit_demo_shards(tmp_path):

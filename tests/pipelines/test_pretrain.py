@@ -1,6 +1,7 @@
 """The pretraining job end to end on 2 CPU workers: DDP, queue, failures, resume, MLflow."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,14 @@ def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards,
     assert summary["steps"] == summary["total_steps"] == 2 * (32 // 8)
     assert summary["images_seen"] == 8 * summary["steps"]
     assert summary["queue_identical_across_workers"] is True
-    assert 0 <= summary["knn_top1"] <= 100 and 0 <= summary["knn_top1_random_init"] <= 100
+    for knn in (summary["knn_top1"], summary["knn_top1_random_init"]):  # accuracies over the 12 val images
+        assert knn * 12 / 100 == pytest.approx(round(knn * 12 / 100), abs=1e-6)
     assert summary["skipped_images"] == 0 and summary["stopped"] == ""
     state = _checkpoint_model(summary)
     assert int(state["queue.pointer"]) == (summary["steps"] * 8) % 40
-    assert any(key.startswith("momentum_encoder.") for key in state)
+    query_keys = {key.removeprefix("query_encoder.") for key in state if key.startswith("query_encoder.")}
+    momentum_keys = {key.removeprefix("momentum_encoder.") for key in state if key.startswith("momentum_encoder.")}
+    assert query_keys == momentum_keys and "backbone.conv1.weight" in query_keys
     backbone = torch.load(summary["backbone"], weights_only=True)
     assert "conv1.weight" in backbone and not any(key.startswith("fc.") for key in backbone)
 
@@ -88,37 +92,65 @@ def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards,
         "knn_top1",
     ):
         assert metric in run.data.metrics, metric
-    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 3
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8]
+    knn_history = client.get_metric_history(run.info.run_id, "knn_top1")
+    assert [point.step for point in knn_history] == [4, 8] and knn_history[-1].value == summary["knn_top1"]
+    lr_points = client.get_metric_history(run.info.run_id, "lr")
+    assert lr_points[-1].value == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))  # cosine at step 7
+    assert all(point.value == 0.99 for point in client.get_metric_history(run.info.run_id, "momentum"))
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "backbone.pt", "curves.png", "metrics.jsonl", "checkpoint"} <= artifacts
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == summary["steps"]
 
 
+def _trained_images(run_dir: Path) -> list[tuple[int, int]]:
+    """(epoch, index) of every image trained on, by the attempt that counted (debug.record_batches):
+    a step recorded again after a restart replaces the failed attempt's record of it."""
+    final: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for path in sorted(run_dir.glob("debug_batches_rank*.jsonl")):
+        rank = int(path.stem.removeprefix("debug_batches_rank"))
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            final[(rank, record["step"])] = list(zip(record["epoch"], record["index"]))
+    return [image for images in final.values() for image in images]
+
+
 def test_injected_worker_failure_recovers_from_the_last_checkpoint(ray_cluster, tiny_shards, tmp_path):
     train, _ = tiny_shards
-    config = _config(tmp_path, "debug.fail_at_step=5", "scaling.max_failures=1", "tracking.enabled=false")
+    config = _config(
+        tmp_path,
+        "debug.fail_at_step=5",
+        "debug.record_batches=true",
+        "scaling.max_failures=1",
+        "tracking.enabled=false",
+    )
     summary = run_pretraining(config, [train], str(tmp_path / "run"))
     assert summary["steps"] == summary["total_steps"] == 8
     assert summary["images_seen"] == 8 * 8  # counted from the restored checkpoint on, not twice
     assert summary["queue_identical_across_workers"] is True
     assert int(_checkpoint_model(summary)["queue.pointer"]) == (8 * 8) % 40
+    # The stream restarted right after what the checkpoint had trained on: each image once per epoch.
+    trained = _trained_images(tmp_path / "run")
+    assert sorted(trained) == [(epoch, index) for epoch in (0, 1) for index in range(32)]
 
 
 def test_resume_continues_a_stopped_run(ray_cluster, tiny_shards, tmp_path):
     train, _ = tiny_shards
     run_dir = str(tmp_path / "run")
-    config = _config(tmp_path, "debug.fail_at_step=5", "tracking.enabled=false")
-    # Checkpoints: every 2 steps, and when the first batch of epoch 1 arrives (step 5).
-    with pytest.raises(RunFailed, match=r"injected failure at step 5.*resume from step 5 with --resume"):
+    config = _config(tmp_path, "debug.fail_at_step=5", "debug.record_batches=true", "tracking.enabled=false")
+    # Checkpoints every 2 steps (and at the end of epoch 0, step 4): the newest is step 4.
+    with pytest.raises(RunFailed, match=r"injected failure at step 5.*resume from step 4 with --resume"):
         run_pretraining(config, [train], run_dir)
-    assert read_pointer(run_dir)["step"] == 5
+    assert read_pointer(run_dir)["step"] == 4
     with pytest.raises(ConfigError, match="already holds a run"):
         run_pretraining(config, [train], run_dir)
     resumed_config, inputs = load_run_for_resume(run_dir, ["debug.fail_at_step=0"])
     summary = run_pretraining(resumed_config, inputs["data"], run_dir, resume=True)
     assert summary["steps"] == 8 and int(_checkpoint_model(summary)["queue.pointer"]) == (8 * 8) % 40
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {row["step"] for row in lines} >= {2, 4, 6, 8}
+    assert [row["step"] for row in lines if "loss" in row] == [2, 4, 6, 8]
+    trained = _trained_images(tmp_path / "run")
+    assert sorted(trained) == [(epoch, index) for epoch in (0, 1) for index in range(32)]
 
 
 def test_tracking_server_down_does_not_stop_training(ray_cluster, tiny_shards, tmp_path, capfd):
@@ -127,7 +159,7 @@ def test_tracking_server_down_does_not_stop_training(ray_cluster, tiny_shards, t
     summary = run_pretraining(config, [train], str(tmp_path / "run"))
     assert summary["steps"] == 4 and summary["mlflow_run_id"] is None
     assert "MLflow" in capfd.readouterr().err
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"loss"') >= 2
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"loss"') == 2  # steps 2 and 4
 
 
 @pytest.mark.parametrize(
@@ -165,8 +197,10 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cl
         "tracking.enabled=false",
         "training.epochs=4",
     )
-    with pytest.raises(RunFailed, match=r"loss became non-finite at step \d+; the last good checkpoint is .*step"):
+    # The loss is checked at log and checkpoint steps (every 2): step 4 is the first after the jump.
+    with pytest.raises(RunFailed, match=r"loss became non-finite by step 4; the last good checkpoint is .*step0+2"):
         run_pretraining(config, [train], run_dir)
     pointer = read_pointer(run_dir)
+    assert pointer["step"] == 2
     saved = torch.load(Path(pointer["path"]) / "model.pt", weights_only=True)["model"]
     assert all(torch.isfinite(value).all() for value in saved.values() if value.is_floating_point())

@@ -1,12 +1,16 @@
-"""Every input layout is planned and read correctly; wrong schemas fail with a clear message."""
+"""Every input layout is planned and read correctly; wrong schemas fail with a clear message;
+planning reads only what it must (the manifest for moco shards, footers in parallel otherwise)."""
 
 import io
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.ingest.sources import ColumnNames, DataSourceError, ReadProblems, plan_collection, read_unit
+from pipelines.ingest.planning import DataSourceError, plan_collection
+from pipelines.ingest.sources import ReadProblems, read_unit
+from pipelines.ingest.units import ColumnNames
 from tests.pipelines.fixtures import (
     jpeg_bytes,
     write_huggingface_parquet,
@@ -18,7 +22,8 @@ from tests.pipelines.fixtures import (
 
 def _read_all(collection):
     problems = ReadProblems()
-    images = [image for unit in collection.units for image in read_unit(unit, collection.columns, problems)]
+    units = collection.units
+    images = [image for unit in range(len(units)) for image in read_unit(units, unit, collection.columns, problems)]
     return images, problems
 
 
@@ -26,6 +31,7 @@ def test_class_folder_gives_labels_and_indices(tmp_path):
     write_image_folder(tmp_path, {"cat": 3, "dog": 2})
     collection = plan_collection(str(tmp_path))
     assert collection.layout == "folder" and collection.class_names == ("cat", "dog")
+    assert len(collection.units) == 5  # one unit per file: a folder is shuffled file by file
     images, _ = _read_all(collection)
     assert sorted(image.label for image in images) == [0, 0, 0, 1, 1]
     assert sorted(image.index for image in images) == [0, 1, 2, 3, 4]
@@ -47,7 +53,8 @@ def test_img2dataset_parquet_row_groups_become_units(tmp_path):
     write_img2dataset_parquet(tmp_path / "00001.parquet", 5, rows_per_group=4, start_seed=10)
     collection = plan_collection(str(tmp_path))
     assert collection.layout == "parquet" and collection.columns == ColumnNames("jpg", None, "key")
-    assert [unit.num_rows for unit in collection.units] == [4, 4, 2, 4, 1]
+    assert collection.units.num_rows.tolist() == [4, 4, 2, 4, 1]
+    assert collection.units.row_group.tolist() == [0, 1, 2, 0, 1]
     images, problems = _read_all(collection)
     assert len(images) == 15 and not problems.counts
     assert [image.index for image in images] == list(range(15))
@@ -168,3 +175,77 @@ def test_a_collection_where_nothing_decodes_is_one_clear_error(tmp_path):
     with pytest.raises(DataSourceError, match=r"part-0\.parquet, column 'thumbnail': none of the first 3 images"):
         check_decodable(wrong)
     check_decodable(plan_collection(str(tmp_path / "part-0.parquet")))  # the jpg column is fine
+
+
+def test_moco_shards_are_planned_from_the_manifest_without_opening_a_shard(tmp_path, monkeypatch):
+    import pipelines.ingest.planning as planning
+    from pipelines.ingest.shards import build_shards
+
+    write_image_folder(tmp_path / "images", {"ant": 7, "bee": 6})
+    build_shards(
+        [str(tmp_path / "images")],
+        tmp_path / "shards",
+        images_per_shard=5,
+        row_group_size=2,
+        workers=1,
+        show_progress=False,
+    )
+    opened = []
+    monkeypatch.setattr(planning, "_read_footer", lambda uri: opened.append(uri))
+    collection = plan_collection(str(tmp_path / "shards"))
+    assert not opened
+    # 13 images in shards of 5, 5, 3, row groups of 2: (2, 2, 1), (2, 2, 1), (2, 1)
+    assert collection.units.num_rows.tolist() == [2, 2, 1, 2, 2, 1, 2, 1]
+    assert collection.units.row_group.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert collection.units.path_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert collection.units.first_index.tolist() == [0, 2, 4, 5, 7, 9, 10, 12]
+    assert collection.num_images == 13
+
+
+def test_the_unit_table_is_arrays_not_an_object_per_unit(tmp_path):
+    for shard in range(3):
+        write_img2dataset_parquet(tmp_path / f"{shard}.parquet", 40, rows_per_group=4, start_seed=40 * shard)
+    units = plan_collection(str(tmp_path)).units
+    assert len(units) == 30 and len(units.paths) == 3
+    for column in (units.path_index, units.row_group, units.num_rows, units.first_index):
+        assert isinstance(column, np.ndarray) and column.dtype.kind == "i"
+    assert units.nbytes < 30 * 32 + 3 * 200
+
+
+def test_foreign_parquet_footers_are_read_in_chunks_by_the_fan_out(tmp_path, monkeypatch):
+    import pipelines.ingest.planning as planning
+
+    monkeypatch.setattr(planning, "FOOTERS_PER_TASK", 2)
+    for shard in range(5):
+        write_img2dataset_parquet(tmp_path / f"{shard}.parquet", 3, rows_per_group=2, start_seed=3 * shard)
+    chunks_seen = []
+
+    def fan_out(function, chunks):
+        chunks_seen.extend(len(chunk) for chunk in chunks)
+        return [function(chunk) for chunk in chunks]
+
+    collection = plan_collection(str(tmp_path), fan_out=fan_out)
+    assert chunks_seen == [2, 2, 1]
+    assert collection.num_images == 15 and collection.units.num_rows.tolist() == [2, 1] * 5
+
+
+def test_foreign_parquet_footers_fan_out_over_ray_tasks(ray_cluster, tmp_path, monkeypatch):
+    import pipelines.ingest.planning as planning
+
+    monkeypatch.setattr(planning, "FOOTERS_ON_DRIVER", 2)
+    monkeypatch.setattr(planning, "FOOTERS_PER_TASK", 2)
+    ray_fan_outs = []
+    real_fan_out = planning._ray_fan_out
+    monkeypatch.setattr(
+        planning,
+        "_ray_fan_out",
+        lambda function, chunks: ray_fan_outs.append(len(chunks)) or real_fan_out(function, chunks),
+    )
+    for shard in range(5):
+        write_img2dataset_parquet(tmp_path / f"{shard}.parquet", 3, rows_per_group=3, start_seed=3 * shard)
+    pq.write_table(pa.table({"key": ["x"], "png": [jpeg_bytes(0)]}), tmp_path / "9_odd.parquet")
+    with pytest.raises(DataSourceError, match=r"9_odd\.parquet: no image column 'jpg'"):
+        plan_collection(str(tmp_path))
+    (tmp_path / "9_odd.parquet").unlink()
+    assert plan_collection(str(tmp_path)).num_images == 15
+    assert ray_fan_outs == [3, 3]  # 6 files, then 5, in chunks of 2: Ray tasks, not the driver

@@ -1,0 +1,39 @@
+"""Local paths and object-storage URIs behind one interface: pyarrow filesystems.
+
+Every job reads its inputs and writes its run directory through :func:`resolve_filesystem`, so
+``/data/x``, ``file:///data/x``, ``s3://bucket/x`` and ``gs://bucket/x`` work the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+class StorageError(ValueError):
+    """A path or URI that cannot be opened; the message names it."""
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI pyarrow understands (s3://, gs://, file://)."""
+    if "://" in uri:
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise StorageError(f"cannot open {uri}: {error}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, relative: str) -> str:
+    """``uri/relative`` for a local path or a URI."""
+    return posixpath.join(uri.rstrip("/"), relative) if "://" in uri else os.path.join(uri, relative)
+
+
+def uri_for(original: str, path: str) -> str:
+    """A URI for filesystem ``path`` in the style of ``original`` (a local path stays a path)."""
+    if "://" not in original:
+        return path
+    return f"{original.split('://', 1)[0]}://{path}"
