@@ -1,23 +1,25 @@
-"""``moco bench ingest``: images/s delivered to a training loop, ours against the official loader.
+"""``moco bench ingest``: normalised views/s delivered to a training loop, ours against the official loader.
 
-On an ImageNet-like JPEG corpus (see ``benchmarks/corpus.py``), in one run:
+On an ImageNet-like JPEG corpus (see ``benchmarks/corpus.py``), in one run, like for like: the
+same MoCo v2 augmentation (PIL's Gaussian blur on both sides), the same output (normalised float32
+views ready for the model), the same number of worker processes, the same statistic (images/s
+after the first batch, over every batch of ``epochs`` epochs):
 
 * (a) the official MoCo loader: torchvision ``ImageFolder`` + ``DataLoader`` (``workers``
-  processes) + ``TwoCropsTransform`` with the v2 augmentation, yielding normalised float views;
-* (b) our per-image decode + two-view function alone, in one process on one core (also with
-  the official code's PIL blur, ``blur="pil"``, to show what that parity costs);
-* (c) our Ray Data pipeline end to end (Parquet shards from ``moco shard`` -> reader tasks ->
-  ``iter_torch_batches``), with ``workers`` reader tasks, delivering uint8 views.
+  processes, shuffled) + ``TwoCropsTransform``;
+* (b) our per-image decode + two-view function alone, in one process on one core;
+* (c) our stream as ``moco pretrain`` runs it: Parquet shards from ``moco shard`` -> ``workers``
+  reader lanes -> ``ViewStream.training_batches`` -> ``prepare_model_input`` (normalisation)
+  in the consuming process, with ``augment.blur=pil``.
 
-``ratio`` = (c) / (a); ``efficiency`` = (c) / ((b) x workers). The photometric placement is
-measured both ways: per image in the CPU readers (``cpu``), or only geometry in the readers
-with colour jitter / grayscale / blur batched on the training device (``device``; its cost on
-this machine's CPU is reported per image, as ``consumer_ms_per_img``).
+``ratio`` = (c) / (a); ``efficiency`` = (c) / ((b) x workers). Reported beside them, not instead
+of them: (c) with our default discrete Gaussian blur (``variants.gaussian_blur``), and with the
+photometric part batched on the training device (``variants.photometric_device``, which on this
+CPU-only machine runs in the consuming process).
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -28,10 +30,11 @@ import torch
 
 from benchmarks.common import machine_info
 from benchmarks.corpus import corpus_with_shards
+from benchmarks.official import official_two_crops
 from moco_core.augment import AugmentConfig
 from moco_core.photometric import prepare_model_input
 from pipelines.console import Progress
-from pipelines.ingest.dataset import quiet_ray_data
+from pipelines.ray_runtime import quiet_ray_data
 
 
 def _timed_consumption(batches: Iterable, count_images, label: str, total: int | None) -> float:
@@ -48,40 +51,11 @@ def _timed_consumption(batches: Iterable, count_images, label: str, total: int |
     return seen / elapsed
 
 
-class _OfficialGaussianBlur:
-    """The official MoCo v2 blur: PIL GaussianBlur with sigma drawn from [0.1, 2.0]."""
-
-    def __call__(self, image):
-        from PIL import ImageFilter
-
-        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-
-
-class _TwoCrops:
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image):
-        return [self.transform(image), self.transform(image)]
-
-
 def official_loader_throughput(corpus: str, size: int, workers: int, batch_size: int, epochs: int) -> float:
     """(a): the official main_moco.py data path, measured in images/s."""
     import torchvision.datasets as datasets
-    import torchvision.transforms as transforms
 
-    augmentation = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
-            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            transforms.RandomGrayscale(p=0.2),
-            transforms.RandomApply([_OfficialGaussianBlur()], p=0.5),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-        ]
-    )
-    dataset = datasets.ImageFolder(corpus, _TwoCrops(augmentation))
+    dataset = datasets.ImageFolder(corpus, official_two_crops(size))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=False, persistent_workers=True
     )
@@ -111,30 +85,42 @@ def single_process_throughput(images: list[bytes], config: AugmentConfig) -> flo
     return len(images) / (time.perf_counter() - start)
 
 
-def ray_pipeline_throughput(shards: str, config: AugmentConfig, workers: int, batch_size: int, epochs: int) -> dict:
-    """(c): plan the shards, stream two views through Ray Data into ``iter_torch_batches``."""
-    from pipelines.ingest.dataset import build_view_dataset
-    from pipelines.ingest.sources import plan_collection
+def ray_pipeline_throughput(shards: str, config: AugmentConfig, readers: int, batch_size: int, epochs: int) -> dict:
+    """(c): the pretraining stream, consumed as a training worker consumes it, up to model input."""
+    from pipelines.ingest.planning import plan_collection
+    from pipelines.ingest.stream import StreamProgress, build_view_dataset, lane_window, plan_layout
     from pipelines.ingest.views import TwoViewFunction
 
     collection = plan_collection(shards)
-    dataset, counters = build_view_dataset(
-        collection, TwoViewFunction(config), end_epoch=epochs, seed=0, readers=workers
+    layout = plan_layout(collection, lanes_per_worker=readers)
+    stream = build_view_dataset(
+        collection,
+        TwoViewFunction(config),
+        layout,
+        end_epoch=epochs,
+        window_rows=lane_window(layout, batch_size),
     )
+    generator = torch.Generator().manual_seed(0)
+
+    def model_input(batch: dict) -> int:
+        prepare_model_input(batch["query"], config, generator)
+        prepare_model_input(batch["key"], config, generator)
+        return batch["query"].shape[0]
+
     throughput = _timed_consumption(
-        dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=2),
-        lambda batch: batch["query"].shape[0],
-        f"bench ingest: ray {config.size}px photometric={config.photometric}",
+        stream.training_batches(batch_size, StreamProgress(layout.total_lanes)),
+        model_input,
+        f"bench ingest: ours {config.size}px blur={config.blur} photometric={config.photometric}",
         total=(collection.num_images or 0) * epochs,
     )
     import ray
 
-    return {"img_per_s": throughput, "counters": ray.get(counters.snapshot.remote())}
+    return {"img_per_s": throughput, "counters": ray.get(stream.ingest_state.snapshot.remote())}
 
 
 def consumer_cost_ms_per_image(config: AugmentConfig, batch_size: int, repeats: int = 3) -> float:
     """Milliseconds per image (both views) that the training loop spends turning uint8 views into
-    model input on this machine's CPU: normalisation only, or the whole photometric part."""
+    model input on this machine's CPU (here: the whole photometric part)."""
     views = torch.randint(0, 256, (batch_size, config.size, config.size, 3), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(0)
     prepare_model_input(views, config, generator)
@@ -183,28 +169,32 @@ def run_ingest_benchmark(
     quiet_ray_data()
     try:
         for size in sizes:
-            cpu_config = AugmentConfig(recipe="v2", size=size, photometric="cpu")
-            device_config = AugmentConfig(recipe="v2", size=size, photometric="device")
+            like_for_like = AugmentConfig(recipe="v2", size=size, photometric="cpu", blur="pil")
             official = official_loader_throughput(corpus["path"], size, workers, batch_size, epochs)
-            single = single_process_throughput(raw_images, cpu_config)
-            single_pil_blur = single_process_throughput(raw_images, replace(cpu_config, blur="pil"))
-            single_device = single_process_throughput(raw_images, device_config)
-            ray_cpu = ray_pipeline_throughput(shards_dir, cpu_config, workers, batch_size, epochs)
-            ray_device = ray_pipeline_throughput(shards_dir, device_config, workers, batch_size, epochs)
+            single = single_process_throughput(raw_images, like_for_like)
+            ours = ray_pipeline_throughput(shards_dir, like_for_like, workers, batch_size, epochs)
+            gaussian = replace(like_for_like, blur="gaussian")
+            ours_gaussian = ray_pipeline_throughput(shards_dir, gaussian, workers, batch_size, epochs)
+            on_device = replace(gaussian, photometric="device")
+            ours_device = ray_pipeline_throughput(shards_dir, on_device, workers, batch_size, epochs)
             results["by_size"][str(size)] = {
                 "official_img_per_s": round(official, 1),
+                "ours_img_per_s": round(ours["img_per_s"], 1),
+                "ratio": round(ours["img_per_s"] / official, 3),
                 "single_process_img_per_s": round(single, 1),
-                "single_process_pil_blur_img_per_s": round(single_pil_blur, 1),
-                "ray_img_per_s": round(ray_cpu["img_per_s"], 1),
-                "ratio": round(ray_cpu["img_per_s"] / official, 3),
-                "efficiency": round(ray_cpu["img_per_s"] / (single * workers), 3),
-                "photometric_device": {
-                    "single_process_img_per_s": round(single_device, 1),
-                    "ray_img_per_s": round(ray_device["img_per_s"], 1),
-                    "consumer_ms_per_img": round(consumer_cost_ms_per_image(device_config, batch_size), 3),
+                "efficiency": round(ours["img_per_s"] / (single * workers), 3),
+                "variants": {
+                    "gaussian_blur": {
+                        "ours_img_per_s": round(ours_gaussian["img_per_s"], 1),
+                        "single_process_img_per_s": round(single_process_throughput(raw_images, gaussian), 1),
+                    },
+                    "photometric_device": {
+                        "ours_img_per_s": round(ours_device["img_per_s"], 1),
+                        "single_process_img_per_s": round(single_process_throughput(raw_images, on_device), 1),
+                        "consumer_ms_per_img": round(consumer_cost_ms_per_image(on_device, batch_size), 3),
+                    },
                 },
-                "photometric_cpu_consumer_ms_per_img": round(consumer_cost_ms_per_image(cpu_config, batch_size), 3),
-                "skipped": ray_cpu["counters"]["skipped"],
+                "skipped": ours["counters"]["skipped"],
             }
     finally:
         ray.shutdown()

@@ -1,17 +1,28 @@
-"""``moco bench train``: the Ray Train pretraining job against a bare training loop, same work.
+"""``moco bench train``: the Ray Train pretraining job against training loops without Ray, same work.
 
-In one run, on the same corpus, model, augmentation, batch and threads:
+For each view size, on a corpus of that kind of image (ImageNet-like JPEGs for 64 and 224 px,
+32 px photo crops for 32 px), with the same model, MoCo v2 augmentation, batch and trainer threads:
 
-* baseline: ``moco_core.train_step`` in one process, fed by a torch ``DataLoader`` whose workers
-  run the same per-image two-view transform on the JPEG files;
-* ours: ``moco pretrain``'s Ray Train job with one worker, fed by the Ray Data stream.
+* ``step_alone``: ``moco_core.train_step`` on views computed beforehand (no data work at all):
+  the job's ceiling, so ``job / step_alone`` is the job's own overhead;
+* ``bare_loop``: ``train_step`` fed by a torch ``DataLoader`` whose one worker process runs our
+  per-image two-view transform on the image files (the same CPUs as the job: one for the
+  trainer, one for data);
+* ``single_process``: what a short hand-written script does: one process, torchvision's MoCo v2
+  transforms (the official augmentation) applied per image in the loop, then ``train_step``,
+  torch using every core;
+* ``job``: ``moco pretrain``'s Ray Train job with one worker (1 CPU) and the reader lanes on the
+  other CPU, fed by the Ray Data stream.
 
-Both are timed in steady state (after ``warmup`` steps); ``ratio`` = ours / baseline.
+One statistic everywhere: images/s over the same steps (after ``warmup``), from per-step times
+for the loops and from the job's contiguous log windows. ``wall_s`` is the whole run of
+``warmup + steps`` steps including start-up (for the job: planning, Ray Train and Ray Data start;
+the Ray cluster itself is started before).
 """
 
 from __future__ import annotations
 
-import statistics
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +31,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_info
-from benchmarks.corpus import corpus_with_shards
+from benchmarks.corpus import corpus_with_shards, default_work_dir, small_corpus_with_shards
+from benchmarks.official import official_two_crops
 from pipelines.console import Progress
 
 BENCH_OVERRIDES = [
@@ -39,10 +51,12 @@ BENCH_OVERRIDES = [
     "scaling.workers=1",
     "scaling.cpus_per_worker=1",
 ]
+#: view size -> batch size used for that size
+DEFAULT_BATCH = {32: 128, 64: 64, 224: 32}
 
 
 class _FileTwoViews(torch.utils.data.Dataset):
-    """JPEG files -> (query, key) uint8 views with our per-image transform."""
+    """Image files -> (query, key) uint8 views with our per-image transform."""
 
     def __init__(self, paths: list[Path], transform):
         self.paths, self.transform = paths, transform
@@ -56,120 +70,200 @@ class _FileTwoViews(torch.utils.data.Dataset):
         return torch.from_numpy(query), torch.from_numpy(key)
 
 
-def bare_loop_throughput(config, corpus: str, steps: int, warmup: int, loader_workers: int) -> float:
-    """Images/s of train_step fed by a DataLoader, after ``warmup`` steps."""
-    from moco_core.model import build_model
-    from moco_core.photometric import prepare_model_input
-    from moco_core.schedules import build_lr_schedule
-    from moco_core.training import build_optimizer, train_step
-    from pipelines.ingest.views import TwoViewFunction
-    from pipelines.pretrain.worker import compute_settings
+class _Steps:
+    """The model, optimizer and schedule every baseline trains with, and per-step timestamps."""
 
-    device = torch.device("cpu")
-    settings = compute_settings(config, device)
+    def __init__(self, config, total_steps: int, label: str):
+        from moco_core.model import build_model
+        from moco_core.schedules import build_lr_schedule
+        from moco_core.training import build_optimizer
+        from pipelines.pretrain.worker import compute_settings
+
+        self.config = config
+        self.settings = compute_settings(config, torch.device("cpu"))
+        model = build_model(config.model)
+        self.model = model.to(memory_format=torch.channels_last) if self.settings.channels_last else model
+        self.optimizer = build_optimizer(self.model, config.optim.weight_decay, config.optim.sgd_momentum)
+        self.lr = build_lr_schedule(config.optim.schedule, config.base_lr, total_steps)
+        self.total_steps = total_steps
+        self.done = 0
+        self.ended_at: list[float] = []
+        self.progress = Progress(f"bench train: {label}", total=total_steps, unit="step")
+
+    def step(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """One training step on model-ready views; False once ``total_steps`` are done."""
+        from moco_core.training import train_step
+
+        lr = self.lr(self.done)
+        train_step(
+            self.model, self.optimizer, query, key, lr=lr, momentum=self.config.momentum.base, settings=self.settings
+        )
+        self.done += 1
+        self.ended_at.append(time.perf_counter())
+        self.progress.update(self.done)
+        return self.done < self.total_steps
+
+    def images_per_s(self, warmup: int) -> float:
+        """Images/s over the steps after ``warmup`` (from the end of step ``warmup`` to the last)."""
+        timed = self.total_steps - warmup
+        return timed * self.config.optim.batch_size / (self.ended_at[-1] - self.ended_at[warmup - 1])
+
+
+def step_alone(config, images: list[bytes], steps: int, warmup: int, threads: int) -> dict:
+    """train_step on views computed beforehand, cycled."""
+    from moco_core.photometric import prepare_model_input
+    from pipelines.ingest.views import TwoViewFunction
+
+    torch.set_num_threads(threads)
     augment = config.augment.resolve(on_gpu=False)
-    model = build_model(config.model)
-    if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optim.weight_decay, config.optim.sgd_momentum)
-    lr = build_lr_schedule(config.optim.schedule, config.base_lr, steps + warmup)
-    paths = sorted(Path(corpus).glob("*/*.jpg"))
+    views = TwoViewFunction(augment)
+    rng = np.random.default_rng(0)
+    batch = config.optim.batch_size
+    pairs = [views(images[i % len(images)], rng)[0] for i in range(2 * batch)]
+    query = [prepare_model_input(torch.from_numpy(np.stack([p[0] for p in pairs[s::2]])), augment) for s in (0, 1)]
+    key = [prepare_model_input(torch.from_numpy(np.stack([p[1] for p in pairs[s::2]])), augment) for s in (0, 1)]
+    start = time.perf_counter()
+    loop = _Steps(config, steps + warmup, "train_step alone")
+    while loop.step(query[loop.done % 2], key[loop.done % 2]):
+        pass
+    return {"img_per_s": loop.images_per_s(warmup), "wall_s": time.perf_counter() - start, "torch_threads": threads}
+
+
+def bare_loop(config, paths: list[Path], steps: int, warmup: int, threads: int) -> dict:
+    """train_step fed by a DataLoader with one worker process running our per-image transform."""
+    from moco_core.photometric import prepare_model_input
+    from pipelines.ingest.views import TwoViewFunction
+
+    torch.set_num_threads(threads)
+    augment = config.augment.resolve(on_gpu=False)
+    start = time.perf_counter()
     loader = torch.utils.data.DataLoader(
         _FileTwoViews(paths, TwoViewFunction(augment)),
         batch_size=config.optim.batch_size,
         shuffle=True,
-        num_workers=loader_workers,
+        num_workers=1,
         drop_last=True,
         persistent_workers=True,
         prefetch_factor=4,
     )
-    progress = Progress("bench train: bare loop", total=steps + warmup, unit="step")
-    done, start = 0, time.perf_counter()
-    while done < steps + warmup:
+    loop = _Steps(config, steps + warmup, "DataLoader + train_step")
+    running = True
+    while running:
         for query, key in loader:
-            if done == warmup:
-                start = time.perf_counter()
-            train_step(
-                model,
-                optimizer,
-                prepare_model_input(query, augment),
-                prepare_model_input(key, augment),
-                lr=lr(done),
-                momentum=config.momentum.base,
-                settings=settings,
-            )
-            done += 1
-            progress.update(done)
-            if done == steps + warmup:
+            if not (running := loop.step(prepare_model_input(query, augment), prepare_model_input(key, augment))):
                 break
-    progress.finish(done)
-    return steps * config.optim.batch_size / (time.perf_counter() - start)
+    return {"img_per_s": loop.images_per_s(warmup), "wall_s": time.perf_counter() - start, "torch_threads": threads}
 
 
-def ray_job_throughput(config, shards: str, warmup: int) -> dict:
-    """Images/s of the pretraining job in steady state, from its logged windows after ``warmup``."""
-    import json
+def single_process(config, paths: list[Path], steps: int, warmup: int) -> dict:
+    """One process: torchvision's official MoCo v2 transforms per image in the loop, then train_step."""
+    from PIL import Image
 
+    torch.set_num_threads(torch.get_num_threads())
+    two_crops = official_two_crops(config.augment.size, config.augment.crop_scale)
+    batch = config.optim.batch_size
+    order = np.random.default_rng(0).permutation(len(paths))
+    start = time.perf_counter()
+    loop = _Steps(config, steps + warmup, "single process")
+    position = 0
+    while True:
+        chosen = [paths[order[(position + i) % len(paths)]] for i in range(batch)]
+        position += batch
+        crops = [two_crops(Image.open(path).convert("RGB")) for path in chosen]
+        query = torch.stack([crop[0] for crop in crops]).contiguous(memory_format=torch.channels_last)
+        key = torch.stack([crop[1] for crop in crops]).contiguous(memory_format=torch.channels_last)
+        if not loop.step(query, key):
+            break
+    return {"img_per_s": loop.images_per_s(warmup), "wall_s": time.perf_counter() - start}
+
+
+def job(config, shards: str, warmup: int) -> dict:
+    """The pretraining job, timed over its log windows after ``warmup`` (windows of ``warmup`` steps)."""
     from pipelines.pretrain.driver import run_pretraining
 
     run_dir = Path(tempfile.mkdtemp(prefix="moco-bench-train-"))
     summary = run_pretraining(config, [shards], str(run_dir))
     windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [row for row in windows if row["step"] > warmup and "images_per_s" in row]
+    timed = [row for row in windows if row["step"] > warmup and "images_per_s" in row]
+    images = len(timed) * config.training.log_every_steps * config.optim.batch_size
+    seconds = sum(config.training.log_every_steps * config.optim.batch_size / row["images_per_s"] for row in timed)
     return {
-        "img_per_s": statistics.median(row["images_per_s"] for row in steady),
-        "data_wait_fraction": statistics.median(row["data_wait_fraction"] for row in steady),
+        "img_per_s": images / seconds,
+        "wall_s": summary["seconds"],
+        "data_wait_fraction": float(np.mean([row["data_wait_fraction"] for row in timed])),
         "steps": summary["steps"],
     }
+
+
+def _case(size: int, batch_size: int, steps: int, warmup: int, work: Path, num_images: int) -> dict:
+    """Every baseline and the job at one view size."""
+    import ray
+
+    from pipelines.pretrain.config import load_config
+
+    if size <= 32:
+        corpus, shards = small_corpus_with_shards(work)
+    else:
+        corpus, shards = corpus_with_shards(work, num_images)
+    paths = sorted(Path(corpus["path"]).glob("*/*.*"))
+    overrides = BENCH_OVERRIDES + [
+        f"augment.size={size}",
+        f"optim.batch_size={batch_size}",
+        f"training.total_steps={steps + warmup}",
+        f"training.log_every_steps={warmup}",
+    ]
+    config = load_config("in1m-v2", overrides)
+    threads = 1  # the CPUs the job's trainer reserves (scaling.cpus_per_worker)
+    images = [path.read_bytes() for path in paths[:64]]
+    results = {
+        "corpus": corpus,
+        "batch_size": batch_size,
+        "step_alone": step_alone(config, images, steps, warmup, threads),
+        "bare_loop": bare_loop(config, paths, steps, warmup, threads),
+        "single_process": single_process(config, paths, steps, warmup),
+    }
+    ray.init(num_cpus=2, configure_logging=False, include_dashboard=False)
+    try:
+        results["job"] = job(config, shards, warmup)
+    finally:
+        ray.shutdown()
+    ours = results["job"]["img_per_s"]
+    results["ratios"] = {
+        name: round(ours / results[name]["img_per_s"], 3) for name in ("step_alone", "bare_loop", "single_process")
+    }
+    for name in ("step_alone", "bare_loop", "single_process", "job"):
+        results[name] = {
+            key: round(value, 3) if isinstance(value, float) else value for key, value in results[name].items()
+        }
+    return results
+
+
+def _rounded(value):
+    return round(value, 3) if isinstance(value, float) else value
 
 
 def run_train_benchmark(
     work_dir: str | None = None,
     num_images: int = 2000,
-    size: int = 64,
-    batch_size: int = 64,
+    sizes: tuple[int, ...] = (32, 64),
+    batch_sizes: dict[int, int] | None = None,
     steps: int = 60,
     warmup: int = 10,
-    threads: int = 2,
 ) -> dict:
-    """Measure both paths on the same corpus and settings; ``ratio`` = Ray job / bare loop."""
-    import ray
-
-    from pipelines.pretrain.config import load_config
-
-    corpus, shards = corpus_with_shards(work_dir, num_images)
-    overrides = BENCH_OVERRIDES + [
-        f"augment.size={size}",
-        f"optim.batch_size={batch_size}",
-        f"training.total_steps={steps + warmup}",
-        f"training.log_every_steps={max(1, steps // 12)}",
-        f"training.torch_threads={threads}",
-    ]
-    config = load_config("in1m-v2", overrides)
-    torch.set_num_threads(threads)
-    bare = bare_loop_throughput(config, corpus["path"], steps, warmup, loader_workers=1)
-    ray.init(num_cpus=2, configure_logging=False)
-    try:
-        ours = ray_job_throughput(config, shards, warmup)
-    finally:
-        ray.shutdown()
+    """Measure every baseline and the job at each size; ``ratios`` = job / baseline."""
+    work = Path(work_dir) if work_dir else default_work_dir()
+    batches = {**DEFAULT_BATCH, **(batch_sizes or {})}
+    by_size = {str(size): _case(size, batches.get(size, 64), steps, warmup, work, num_images) for size in sizes}
     return {
         "benchmark": "train",
         "config": {
             "arch": "resnet18",
-            "size": size,
-            "batch_size": batch_size,
+            "recipe": "v2",
             "steps": steps,
             "warmup": warmup,
-            "torch_threads": threads,
-            "ray_workers": 1,
-            "ray_readers": 1,
-            "dataloader_workers": 1,
-            "num_images": num_images,
+            "job": "1 Ray Train worker (1 CPU), reader lanes on the other CPU",
         },
         "machine": machine_info(torch.device("cpu")),
-        "bare_loop_img_per_s": round(bare, 1),
-        "ray_job_img_per_s": round(ours["img_per_s"], 1),
-        "ray_job_data_wait_fraction": round(ours["data_wait_fraction"], 3),
-        "ratio": round(ours["img_per_s"] / bare, 3),
+        "by_size": by_size,
+        "ratio": by_size[str(sizes[0])]["ratios"]["bare_loop"],
     }

@@ -16,6 +16,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     _add_step(benches, common)
     _add_ingest(benches, common)
     _add_train(benches, common)
+    _add_plan(benches, common)
 
     def missing(args: argparse.Namespace) -> dict:
         bench.print_help()
@@ -139,21 +140,35 @@ def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentPar
     parser = benches.add_parser(
         "train",
         parents=[common],
-        help="the Ray Train pretraining job vs a bare train_step loop fed by a DataLoader",
-        description="On the same corpus, model, augmentation, batch and threads, measure steady-state images/s "
-        "of moco_core.train_step fed by a torch DataLoader (1 loader worker) and of the moco pretrain Ray Train "
-        "job (1 worker, 1 Ray Data reader). ratio = Ray job / bare loop.",
+        help="the Ray Train pretraining job vs training loops without Ray, same work",
+        description="At each view size, with the same model, MoCo v2 augmentation, batch and trainer threads, "
+        "measure images/s of: train_step on precomputed views (the ceiling), train_step fed by a DataLoader "
+        "with one worker, a single process applying torchvision's official transforms per image, and the "
+        "moco pretrain Ray Train job (1 worker, reader lanes on the other CPUs). Same statistic everywhere: "
+        "images/s over the same steps after the warm-up; wall_s includes start-up. ratios = job / baseline.",
     )
     parser.add_argument(
-        "--work-dir", default=None, help="where the corpus and shards are kept (default: <tmp>/moco-bench)"
+        "--work-dir", default=None, help="where the corpora and shards are kept (default: <tmp>/moco-bench)"
     )
-    parser.add_argument("--num-images", type=positive_int, default=2000, help="corpus size (default: 2000)")
-    parser.add_argument("--size", type=positive_int, default=64, help="view size in px (default: 64)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: 64)")
+    parser.add_argument(
+        "--num-images", type=positive_int, default=2000, help="ImageNet-like corpus size (default: 2000)"
+    )
+    parser.add_argument(
+        "--sizes",
+        type=positive_int,
+        nargs="+",
+        default=[32, 64],
+        help="view sizes in px; 32 and below use 32 px photo crops, larger ones ImageNet-like JPEGs (default: 32 64)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="batch size at every size (default: 128 at 32 px, 64 at 64 px, 32 at 224 px)",
+    )
     parser.add_argument("--steps", type=positive_int, default=60, help="timed steps (default: 60)")
-    parser.add_argument("--warmup", type=positive_int, default=10, help="untimed steps first (default: 10)")
     parser.add_argument(
-        "--threads", type=positive_int, default=2, help="torch threads of the training loop (default: 2)"
+        "--warmup", type=positive_int, default=10, help="untimed steps first; also the job's log window (default: 10)"
     )
     parser.set_defaults(handler=_run_train)
 
@@ -164,9 +179,36 @@ def _run_train(args: argparse.Namespace) -> dict:
     return run_train_benchmark(
         work_dir=args.work_dir,
         num_images=args.num_images,
-        size=args.size,
-        batch_size=args.batch_size,
+        sizes=tuple(args.sizes),
+        batch_sizes={size: args.batch_size for size in args.sizes} if args.batch_size else None,
         steps=args.steps,
         warmup=args.warmup,
-        threads=args.threads,
     )
+
+
+def _add_plan(benches: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = benches.add_parser(
+        "plan",
+        parents=[common],
+        help="planning time, driver memory and time to the first batch for 1M-100M image collections",
+        description="Build (once) synthetic moco-shard collections of tiny images and, for each size, measure in "
+        "a fresh process: planning from the manifest (time, peak memory), the time to the first training batch, "
+        "and, as the baseline, planning the same files by reading every Parquet footer. ratio = footer planning "
+        "time / manifest planning time at the largest size.",
+    )
+    parser.add_argument("--work-dir", default=None, help="where the collections are kept (default: <tmp>/moco-bench)")
+    parser.add_argument(
+        "--sizes",
+        type=positive_int,
+        nargs="+",
+        default=[1_000_000, 10_000_000, 100_000_000],
+        help="collection sizes in images (default: 1000000 10000000 100000000; 100M takes ~2 GB of disk)",
+    )
+    parser.add_argument("--no-footers", action="store_true", help="skip the footer-reading baseline")
+    parser.set_defaults(handler=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> dict:
+    from benchmarks.bench_plan import run_plan_benchmark
+
+    return run_plan_benchmark(work_dir=args.work_dir, sizes=tuple(args.sizes), footers=not args.no_footers)

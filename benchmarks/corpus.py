@@ -93,3 +93,22 @@ def corpus_with_shards(work_dir: str | os.PathLike | None, num_images: int) -> t
     build_shards([corpus["path"]], str(shards), show_progress=False)
     note(f"benchmark corpus: {corpus['num_images']} JPEGs, mean {corpus['mean_kb']} KB; shards in {shards}")
     return corpus, str(shards)
+
+
+def small_corpus_with_shards(work_dir: str | os.PathLike | None) -> tuple[dict, str]:
+    """32 px crops of the real photos (the demo's training set, PNG) and their shards."""
+    from pipelines.console import note
+    from pipelines.demo import write_photo_crops
+    from pipelines.ingest.shards import build_shards
+
+    work = Path(work_dir) if work_dir else default_work_dir()
+    root = work / "corpus-32px"
+    if not (root / "train").is_dir():
+        write_photo_crops(root)
+    paths = sorted((root / "train").glob("*/*.png"))
+    shards = work / "shards-32px"
+    build_shards([str(root / "train")], str(shards), show_progress=False)
+    sizes = [path.stat().st_size for path in paths]
+    note(f"benchmark corpus: {len(paths)} 32 px PNG photo crops; shards in {shards}")
+    corpus = {"path": str(root / "train"), "num_images": len(paths), "mean_kb": round(float(np.mean(sizes)) / 1024, 2)}
+    return corpus, str(shards)
