@@ -90,10 +90,14 @@ def synthetic_collection(root: Path, num_images: int) -> Path:
     return directory
 
 
+def _memory_mb() -> tuple[float, float]:
+    """(resident, peak resident) of this process in MB, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
 def measure(path: str, layout: str) -> dict:
     """In this process: plan ``path`` (as ``layout``), then stream until the first batch."""
-    import resource
-
     import ray
 
     from moco_core.augment import AugmentConfig
@@ -104,15 +108,19 @@ def measure(path: str, layout: str) -> dict:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     quiet_ray_data()
+    resident_before, _ = _memory_mb()
     start = time.perf_counter()
     collection = plan_collection(path, layout)  # type: ignore[arg-type]
     planned = time.perf_counter()
+    resident_after, peak = _memory_mb()
     result = {
         "images": collection.num_images,
         "read_units": len(collection.units),
-        "unit_table_mb": round(collection.units.nbytes / 2**20, 1),
-        "plan_s": round(planned - start, 2),
-        "plan_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "unit_table_mb": round(collection.units.nbytes / 2**20, 2),
+        "plan_s": round(planned - start, 3),
+        "process_rss_before_plan_mb": round(resident_before, 1),
+        "plan_rss_growth_mb": round(resident_after - resident_before, 1),
+        "plan_peak_rss_mb": round(peak, 1),
     }
     if layout == "moco":
         stream_layout = plan_layout(collection, lanes_per_worker=1)
@@ -124,7 +132,7 @@ def measure(path: str, layout: str) -> dict:
         next(batches)
         result["first_batch_s"] = round(time.perf_counter() - start, 2)
         result["stream_start_s"] = round(time.perf_counter() - planned, 2)
-        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        result["peak_rss_mb"] = round(_memory_mb()[1], 1)
         batches.close()
     ray.shutdown()
     return result
@@ -132,8 +140,7 @@ def measure(path: str, layout: str) -> dict:
 
 def _measure_in_subprocess(path: Path, layout: str) -> dict:
     code = (
-        "import json, sys; from benchmarks.bench_plan import measure; "
-        f"print(json.dumps(measure({str(path)!r}, {layout!r})))"
+        f"import json; from benchmarks.bench_plan import measure; print(json.dumps(measure({str(path)!r}, {layout!r})))"
     )
     finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if finished.returncode != 0:
@@ -154,7 +161,7 @@ def run_plan_benchmark(
         if footers:
             baseline = _measure_in_subprocess(path, "parquet")
             result["footers_plan_s"] = baseline["plan_s"]
-            result["footers_plan_peak_rss_mb"] = baseline["plan_peak_rss_mb"]
+            result["footers_plan_rss_growth_mb"] = baseline["plan_rss_growth_mb"]
         by_size[str(size)] = result
     smallest, largest = by_size[str(sizes[0])], by_size[str(sizes[-1])]
     scale = sizes[-1] / sizes[0]
@@ -166,7 +173,7 @@ def run_plan_benchmark(
         "growth": {
             "images": scale,
             "plan_s": round(largest["plan_s"] / max(smallest["plan_s"], 1e-3), 1),
-            "plan_peak_rss_mb": round(largest["plan_peak_rss_mb"] / smallest["plan_peak_rss_mb"], 2),
+            "plan_rss_growth_mb": round(largest["plan_rss_growth_mb"] - smallest["plan_rss_growth_mb"], 1),
             "first_batch_s": round(largest["first_batch_s"] / smallest["first_batch_s"], 2),
         },
         "ratio": round(largest.get("footers_plan_s", largest["plan_s"]) / max(largest["plan_s"], 1e-3), 1),

@@ -169,18 +169,34 @@ def _files_with_suffix(entry: tuple[str, pafs.FileSystem, str], suffixes: tuple[
 # ----------------------------------------------------------------------------- moco shards
 
 
-def _row_group_sizes(num_images: int, num_row_groups: int, row_group_size: int) -> list[int] | None:
-    """Row group sizes as ``moco shard`` writes them (full groups, then the remainder), or None
-    when the manifest's counts do not fit that rule."""
-    sizes = [row_group_size] * (num_images // row_group_size)
-    if num_images % row_group_size:
-        sizes.append(num_images % row_group_size)
-    return sizes if len(sizes) == num_row_groups else None
+def _manifest_units(base: str, shards: list[dict], row_group_size: int, first_index: int) -> UnitTable:
+    """Units of one shard directory from its manifest, vectorised over shards: ``moco shard``
+    writes full row groups of ``row_group_size``, then the remainder. A shard whose counts do not
+    follow that rule (an older manifest without options) has its footer read instead."""
+    paths = [join(base, shard["path"]) for shard in shards]
+    images = np.array([shard["num_images"] for shard in shards], dtype=np.int64)
+    groups = np.array([shard["num_row_groups"] for shard in shards], dtype=np.int64)
+    if row_group_size:
+        full, remainder = images // row_group_size, images % row_group_size
+        regular = full + (remainder > 0) == groups
+    else:
+        regular = np.zeros(len(shards), dtype=bool)
+    if regular.all():
+        ends = np.cumsum(groups)
+        num_rows = np.full(int(ends[-1]) if len(ends) else 0, row_group_size, dtype=np.int64)
+        num_rows[ends[remainder > 0] - 1] = remainder[remainder > 0]
+        return _units_from_sizes(paths, groups, num_rows, first_index)
+    sizes_per_file = [
+        [row_group_size] * int(full[i]) + ([int(remainder[i])] if remainder[i] else [])
+        if regular[i]
+        else _footer_row_group_sizes(paths[i])
+        for i in range(len(shards))
+    ]
+    return _parquet_units(paths, sizes_per_file, first_index)
 
 
 def _plan_moco(entries: list[tuple[str, pafs.FileSystem, str]]) -> Collection:
-    """Units from the manifests alone; a shard whose counts do not follow the writer's rule (an
-    older manifest without options) has its footer read instead."""
+    """Units from the manifests alone (no shard is opened for what ``moco shard`` wrote)."""
     tables: list[UnitTable] = []
     class_names: tuple[str, ...] = ()
     total = 0
@@ -192,17 +208,7 @@ def _plan_moco(entries: list[tuple[str, pafs.FileSystem, str]]) -> Collection:
             raise DataSourceError(f"{uri}: its class names differ from the other shard directories'")
         class_names = class_names or names
         row_group_size = int(manifest.get("options", {}).get("row_group_size", 0))
-        paths, sizes_per_file = [], []
-        for shard in manifest["shards"]:
-            sizes = (
-                _row_group_sizes(int(shard["num_images"]), int(shard["num_row_groups"]), row_group_size)
-                if row_group_size
-                else None
-            )
-            shard_uri = join(uri, shard["path"])
-            paths.append(shard_uri)
-            sizes_per_file.append(sizes if sizes is not None else _footer_row_group_sizes(shard_uri))
-        table = _parquet_units(paths, sizes_per_file, first_index=total)
+        table = _manifest_units(uri, manifest["shards"], row_group_size, first_index=total)
         tables.append(table)
         total += int(table.num_rows.sum())
     columns = ColumnNames("image", "label", "key")
@@ -213,8 +219,13 @@ def _parquet_units(paths: list[str], sizes_per_file: list[list[int]], first_inde
     """One unit per non-empty row group; dataset indices count every row in file order."""
     counts = np.array([len(sizes) for sizes in sizes_per_file], dtype=np.int64)
     num_rows = np.fromiter((rows for sizes in sizes_per_file for rows in sizes), dtype=np.int64, count=counts.sum())
-    path_index = np.repeat(np.arange(len(paths)), counts)
-    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return _units_from_sizes(paths, counts, num_rows, first_index)
+
+
+def _units_from_sizes(paths: list[str], groups: np.ndarray, num_rows: np.ndarray, first_index: int) -> UnitTable:
+    """Units from the row-group count of each file and every row group's rows, in file order."""
+    path_index = np.repeat(np.arange(len(paths)), groups)
+    starts = np.repeat(np.cumsum(groups) - groups, groups)
     row_group = np.arange(len(num_rows)) - starts
     first = first_index + np.cumsum(num_rows) - num_rows
     keep = num_rows > 0

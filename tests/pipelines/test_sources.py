@@ -249,3 +249,32 @@ def test_foreign_parquet_footers_fan_out_over_ray_tasks(ray_cluster, tmp_path, m
     (tmp_path / "9_odd.parquet").unlink()
     assert plan_collection(str(tmp_path)).num_images == 15
     assert ray_fan_outs == [3, 3]  # 6 files, then 5, in chunks of 2: Ray tasks, not the driver
+
+
+def test_a_manifest_without_row_group_options_falls_back_to_the_footers(tmp_path, monkeypatch):
+    import json
+
+    import pipelines.ingest.planning as planning
+    from pipelines.ingest.shards import build_shards
+
+    write_image_folder(tmp_path / "images", {"ant": 7, "bee": 6})
+    build_shards(
+        [str(tmp_path / "images")],
+        tmp_path / "shards",
+        images_per_shard=5,
+        row_group_size=2,
+        workers=1,
+        show_progress=False,
+    )
+    expected = plan_collection(str(tmp_path / "shards")).units
+    manifest_path = tmp_path / "shards" / "_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["options"]  # as written before options were recorded
+    manifest_path.write_text(json.dumps(manifest))
+    opened = []
+    real_footer = planning._read_footer
+    monkeypatch.setattr(planning, "_read_footer", lambda uri: opened.append(uri) or real_footer(uri))
+    units = plan_collection(str(tmp_path / "shards")).units
+    assert len(opened) == 3
+    for column in ("num_rows", "row_group", "path_index", "first_index"):
+        assert getattr(units, column).tolist() == getattr(expected, column).tolist()
