@@ -80,8 +80,8 @@ class _Steps:
         from pipelines.pretrain.worker import compute_settings
 
         self.config = config
-        self.settings = compute_settings(config, torch.device("cpu"))
         model = build_model(config.model)
+        self.settings, _ = compute_settings(config, torch.device("cpu"), model)
         self.model = model.to(memory_format=torch.channels_last) if self.settings.channels_last else model
         self.optimizer = build_optimizer(self.model, config.optim.weight_decay, config.optim.sgd_momentum)
         self.lr = build_lr_schedule(config.optim.schedule, config.base_lr, total_steps)

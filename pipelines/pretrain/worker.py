@@ -11,6 +11,7 @@ is every lane), never per step, so an accelerator's queue never drains for a hos
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -28,10 +29,11 @@ import torch.distributed as dist
 
 from moco_core.knn import extract_features, knn_top1
 from moco_core.loss import ContrastiveLoss
+from moco_core.mechanisms import ContrastiveModel
 from moco_core.model import build_model
 from moco_core.photometric import normalize_batch, prepare_model_input
 from moco_core.schedules import build_lr_schedule, build_momentum_schedule
-from moco_core.training import ComputeSettings, build_optimizer, train_step
+from moco_core.training import ComputeSettings, build_optimizer, forward_backward_seconds, train_step
 from pipelines.console import format_duration, note
 from pipelines.ingest.stream import (
     StreamLayout,
@@ -60,16 +62,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: ``{"config": <PretrainConfig as dict>, "plan": PretrainPlan}``."""
     quiet_ray_data()
     config = config_from_mapping(loop_config["config"])
-    if config.training.torch_threads:
-        torch.set_num_threads(config.training.torch_threads)
+    # The trainer's CPUs, no more: the reader lanes have the others (issue: oversubscribed cores
+    # made the job run at a fraction of its own step's speed).
+    torch.set_num_threads(config.training.torch_threads or max(1, int(config.scaling.cpus_per_worker)))
     PretrainRunner(config, loop_config["plan"]).run()
 
 
-def compute_settings(config: PretrainConfig, device: torch.device) -> ComputeSettings:
-    """Autocast dtype and layout from ``training.precision`` / ``training.channels_last``."""
-    best = ComputeSettings.for_device(device)
-    dtype = {"auto": best.autocast_dtype, "bf16": torch.bfloat16, "fp32": None}[config.training.precision]
-    return ComputeSettings(autocast_dtype=dtype, channels_last=config.training.channels_last)
+def compute_settings(
+    config: PretrainConfig, device: torch.device, model: ContrastiveModel | None = None
+) -> tuple[ComputeSettings, str]:
+    """Autocast dtype and layout from ``training.precision`` / ``training.channels_last``, and why.
+
+    ``auto`` on a CPU times a forward and backward of (a copy of) ``model``'s query encoder in
+    fp32 and in bf16 at the run's image size and keeps the faster; on a GPU it is bf16 where the
+    GPU supports it.
+    """
+    channels_last = config.training.channels_last
+    if config.training.precision != "auto":
+        dtype = torch.bfloat16 if config.training.precision == "bf16" else None
+        return ComputeSettings(dtype, channels_last), f"training.precision={config.training.precision}"
+    if device.type != "cpu" or model is None:
+        dtype = ComputeSettings.for_device(device).autocast_dtype
+        return ComputeSettings(dtype, channels_last), "the device's native precision"
+    encoder = copy.deepcopy(model.query_encoder).to(device)
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    size = config.augment.size
+    probe = torch.randn(min(config.per_worker_batch_size, 64), 3, size, size, device=device)
+    seconds = {
+        name: forward_backward_seconds(encoder, probe, ComputeSettings(dtype, channels_last))
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
+    }
+    dtype = torch.bfloat16 if seconds["bf16"] < seconds["fp32"] else None
+    timing = ", ".join(f"{name} {1000 * value:.0f} ms" for name, value in seconds.items())
+    return ComputeSettings(dtype, channels_last), f"faster here ({timing} per forward+backward of {len(probe)})"
 
 
 @dataclass
@@ -96,7 +122,6 @@ class PretrainRunner:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.augment = config.augment.resolve(on_gpu=self.device.type == "cuda")
-        self.settings = compute_settings(config, self.device)
         torch.manual_seed(config.training.seed + self.rank)
         self.total_steps = plan.total_steps
         self.run_dir = plan.run_dir
@@ -105,6 +130,7 @@ class PretrainRunner:
         self.tracker.attach(plan.mlflow_run_id if self.rank == 0 else None)
 
         model = build_model(config.model, num_samples=plan.num_images)
+        self.settings = self._agreed_settings(model)
         if self.settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
@@ -135,6 +161,17 @@ class PretrainRunner:
         )
         # Set when any step's loss is non-finite; read (one all-reduce) only at log and checkpoint steps.
         self.non_finite = torch.zeros(1, dtype=torch.int64, device=self.device)
+
+    def _agreed_settings(self, model: ContrastiveModel) -> ComputeSettings:
+        """Rank 0's precision choice, on every rank."""
+        settings, reason = compute_settings(self.config, self.device, model)
+        if self.world > 1:
+            use_bf16 = torch.tensor([settings.autocast_dtype is not None], dtype=torch.int64, device=self.device)
+            dist.broadcast(use_bf16, src=0)
+            settings = ComputeSettings(torch.bfloat16 if use_bf16.item() else None, settings.channels_last)
+        if self.rank == 0:
+            note(f"precision: {'bf16 autocast' if settings.autocast_dtype else 'fp32'} ({reason})")
+        return settings
 
     # ------------------------------------------------------------------ restore / checkpoint
 

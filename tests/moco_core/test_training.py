@@ -266,3 +266,16 @@ def test_moco_train_step_matches_the_official_formulas_step_by_step():
                 torch.testing.assert_close(value, state[f"{part}_buffers"][name], **close, msg=f"step {step}: {name}")
         torch.testing.assert_close(model.queue.keys.double(), state["queue"], **close)
         assert int(model.queue.pointer) == state["pointer"] == [4, 8, 2][step]
+
+
+def test_forward_backward_seconds_times_repeats_after_one_untimed_pass():
+    from moco_core.training import forward_backward_seconds
+
+    calls = []
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    encoder.register_forward_hook(
+        lambda module, inputs, output: calls.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    seconds = forward_backward_seconds(encoder, torch.randn(2, 3, 8, 8), ComputeSettings(None, channels_last=True), 3)
+    assert seconds > 0 and calls == [True] * 4
+    assert encoder[0].weight.grad is not None

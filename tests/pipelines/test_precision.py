@@ -1,0 +1,43 @@
+"""training.precision: explicit values are obeyed; auto on a CPU keeps what a timed probe found faster."""
+
+import pytest
+import torch
+
+import pipelines.pretrain.worker as worker
+from moco_core.model import build_model
+from pipelines.pretrain.config import load_config
+
+TINY = [
+    "model.arch=resnet18",
+    "model.small_image_stem=true",
+    "model.queue_size=64",
+    "augment.size=16",
+    "optim.batch_size=8",
+    "model.bn_splits=2",
+]
+
+
+@pytest.mark.parametrize(("fp32_s", "bf16_s", "expected"), [(2.0, 1.0, torch.bfloat16), (1.0, 2.0, None)])
+def test_auto_keeps_the_faster_precision_on_a_cpu(monkeypatch, fp32_s, bf16_s, expected):
+    config = load_config("demo", TINY)
+    probed = []
+
+    def fake_seconds(encoder, images, settings, repeats=2):
+        probed.append((tuple(images.shape), settings.autocast_dtype))
+        return bf16_s if settings.autocast_dtype is torch.bfloat16 else fp32_s
+
+    monkeypatch.setattr(worker, "forward_backward_seconds", fake_seconds)
+    model = build_model(config.model)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    settings, reason = worker.compute_settings(config, torch.device("cpu"), model)
+    assert settings.autocast_dtype is expected and "faster here" in reason
+    assert probed == [((8, 3, 16, 16), None), ((8, 3, 16, 16), torch.bfloat16)]  # the run's batch and size
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # a copy is probed
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("fp32", None), ("bf16", torch.bfloat16)])
+def test_explicit_precision_is_obeyed_without_probing(monkeypatch, precision, expected):
+    config = load_config("demo", TINY + [f"training.precision={precision}"])
+    monkeypatch.setattr(worker, "forward_backward_seconds", lambda *args, **kwargs: pytest.fail("probed"))
+    settings, _ = worker.compute_settings(config, torch.device("cpu"), build_model(config.model))
+    assert settings.autocast_dtype is expected
