@@ -55,20 +55,27 @@ class ComputeSettings:
 
 
 def forward_backward_seconds(
-    encoder: nn.Module, images: torch.Tensor, settings: ComputeSettings, repeats: int = 2
+    encoder: nn.Module,
+    images: torch.Tensor,
+    settings: ComputeSettings,
+    repeats: int = 2,
+    give_up_after: float | None = None,
 ) -> float:
     """Fastest of ``repeats`` timed forward + backward passes of ``encoder`` on ``images`` under
-    ``settings``, after one untimed pass. Used to pick the precision that is faster on a device
-    for a model and input size (on a CPU with AVX512-BF16 but no AMX, bf16 autocast wins at 64 px
-    and loses at 32 px for a ResNet-18). Leaves gradients on ``encoder``: probe a copy.
+    ``settings``, after one untimed pass; the untimed pass's time alone when it already took
+    longer than ``give_up_after`` seconds (a clearly slower candidate is not timed further).
+
+    Used to pick the precision that is faster on a device for a model and input size (on a CPU
+    without fast bf16 kernels, bf16 autocast can be 10x slower than fp32). Leaves gradients on
+    ``encoder``: probe a copy.
 
     Shape:
         images: (N, 3, H, W) float
     """
     device = images.device
     images = settings.prepare(images)
-    timings = []
-    for _ in range(repeats + 1):
+
+    def one_pass() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -77,8 +84,12 @@ def forward_backward_seconds(
         output.float().square().mean().backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
-    return min(timings[1:])
+        return time.perf_counter() - start
+
+    first = one_pass()
+    if give_up_after is not None and first > give_up_after:
+        return first
+    return min(one_pass() for _ in range(repeats))
 
 
 def build_optimizer(model: nn.Module, weight_decay: float = 1e-4, sgd_momentum: float = 0.9) -> torch.optim.SGD:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 import time
 from collections.abc import Generator, Iterator
@@ -56,6 +57,8 @@ from pipelines.pretrain.tracking import Tracker
 from pipelines.ray_runtime import quiet_ray_data
 
 WORKER_SUMMARY = "worker_summary.json"
+#: images in the start-up forward + backward that picks the precision (``training.precision: auto``)
+PRECISION_PROBE_IMAGES = 8
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -64,7 +67,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = config_from_mapping(loop_config["config"])
     # The trainer's CPUs, no more: the reader lanes have the others (issue: oversubscribed cores
     # made the job run at a fraction of its own step's speed).
-    torch.set_num_threads(config.training.torch_threads or max(1, int(config.scaling.cpus_per_worker)))
+    torch.set_num_threads(config.training.torch_threads or max(1, math.ceil(config.scaling.cpus_per_worker)))
     PretrainRunner(config, loop_config["plan"]).run()
 
 
@@ -88,10 +91,11 @@ def compute_settings(
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     size = config.augment.size
-    probe = torch.randn(min(config.per_worker_batch_size, 64), 3, size, size, device=device)
+    probe = torch.randn(min(config.per_worker_batch_size, PRECISION_PROBE_IMAGES), 3, size, size, device=device)
+    fp32 = forward_backward_seconds(encoder, probe, ComputeSettings(None, channels_last))
     seconds = {
-        name: forward_backward_seconds(encoder, probe, ComputeSettings(dtype, channels_last))
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))
+        "fp32": fp32,
+        "bf16": forward_backward_seconds(encoder, probe, ComputeSettings(torch.bfloat16, channels_last), 2, 3 * fp32),
     }
     dtype = torch.bfloat16 if seconds["bf16"] < seconds["fp32"] else None
     timing = ", ".join(f"{name} {1000 * value:.0f} ms" for name, value in seconds.items())

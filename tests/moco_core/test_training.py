@@ -279,3 +279,13 @@ def test_forward_backward_seconds_times_repeats_after_one_untimed_pass():
     seconds = forward_backward_seconds(encoder, torch.randn(2, 3, 8, 8), ComputeSettings(None, channels_last=True), 3)
     assert seconds > 0 and calls == [True] * 4
     assert encoder[0].weight.grad is not None
+
+
+def test_forward_backward_seconds_gives_up_on_a_clearly_slower_candidate():
+    from moco_core.training import forward_backward_seconds
+
+    calls = []
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    encoder.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    forward_backward_seconds(encoder, torch.randn(2, 3, 8, 8), ComputeSettings(), repeats=3, give_up_after=0.0)
+    assert len(calls) == 1  # the untimed pass already took longer than allowed

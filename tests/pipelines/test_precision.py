@@ -22,7 +22,7 @@ def test_auto_keeps_the_faster_precision_on_a_cpu(monkeypatch, fp32_s, bf16_s, e
     config = load_config("demo", TINY)
     probed = []
 
-    def fake_seconds(encoder, images, settings, repeats=2):
+    def fake_seconds(encoder, images, settings, repeats=2, give_up_after=None):
         probed.append((tuple(images.shape), settings.autocast_dtype))
         return bf16_s if settings.autocast_dtype is torch.bfloat16 else fp32_s
 
@@ -31,7 +31,7 @@ def test_auto_keeps_the_faster_precision_on_a_cpu(monkeypatch, fp32_s, bf16_s, e
     before = {name: value.clone() for name, value in model.state_dict().items()}
     settings, reason = worker.compute_settings(config, torch.device("cpu"), model)
     assert settings.autocast_dtype is expected and "faster here" in reason
-    assert probed == [((8, 3, 16, 16), None), ((8, 3, 16, 16), torch.bfloat16)]  # the run's batch and size
+    assert probed == [((8, 3, 16, 16), None), ((8, 3, 16, 16), torch.bfloat16)]  # at most 8 images of the run's size
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # a copy is probed
 
 
