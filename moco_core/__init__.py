@@ -1,6 +1,6 @@
 """MoCo (Momentum Contrast) as a pure-torch library: encoders, momentum encoder, queue, InfoNCE,
-shuffle/split BatchNorm, the three contrastive mechanisms, schedules, kNN monitor, augmentation
-and a single-process training step. Importing it never imports Ray or MLflow.
+shuffle/split BatchNorm, the three contrastive mechanisms, schedules, kNN monitor, the linear
+classification protocol, augmentation and a single-process training step. Importing it never imports Ray or MLflow.
 
 Start at :mod:`moco_core.mechanisms` for the algorithm, :func:`moco_core.model.build_model` to
 build one, and :func:`moco_core.training.train_step` to train it.
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "AugmentConfig": "augment",
     "CenterCropTransform": "augment",
+    "RandomResizedCropTransform": "augment",
     "TwoViewTransform": "augment",
     "SplitBatchNorm2d": "batchnorm",
     "convert_batchnorm": "batchnorm",
@@ -31,6 +32,9 @@ _EXPORTS: dict[str, str] = {
     "extract_features": "knn",
     "knn_predict": "knn",
     "knn_top1": "knn",
+    "LinearProbeSettings": "linear_probe",
+    "build_linear_classifier": "linear_probe",
+    "train_linear_classifier": "linear_probe",
     "ContrastiveLoss": "loss",
     "in_batch_info_nce": "loss",
     "info_nce": "loss",
@@ -68,12 +72,15 @@ __all__ = [
     "KeyQueue",
     "MemoryBank",
     "MemoryBankModel",
+    "LinearProbeSettings",
     "MoCo",
     "ModelConfig",
+    "RandomResizedCropTransform",
     "SUPPORTED_ARCHS",
     "SplitBatchNorm2d",
     "TwoViewTransform",
     "build_backbone",
+    "build_linear_classifier",
     "build_lr_schedule",
     "build_model",
     "build_momentum_schedule",
@@ -91,6 +98,7 @@ __all__ = [
     "normalize_batch",
     "photometric_batch",
     "prepare_model_input",
+    "train_linear_classifier",
     "train_step",
 ]
 
@@ -105,11 +113,12 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from moco_core.augment import AugmentConfig, CenterCropTransform, TwoViewTransform
+    from moco_core.augment import AugmentConfig, CenterCropTransform, RandomResizedCropTransform, TwoViewTransform
     from moco_core.batchnorm import SplitBatchNorm2d, convert_batchnorm, encode_with_shuffled_batch
     from moco_core.encoders import SUPPORTED_ARCHS, Encoder, build_backbone
     from moco_core.image_io import ImageDecodeError, ImageLimits
     from moco_core.knn import extract_features, knn_predict, knn_top1
+    from moco_core.linear_probe import LinearProbeSettings, build_linear_classifier, train_linear_classifier
     from moco_core.loss import ContrastiveLoss, in_batch_info_nce, info_nce
     from moco_core.mechanisms import ContrastiveModel, EndToEnd, MemoryBankModel, MoCo
     from moco_core.memory_bank import MemoryBank

@@ -475,6 +475,20 @@ class TwoViewTransform:
         )
 
 
+def _render_drafted(image: Image.Image, params: ViewParams, size: int) -> tuple[np.ndarray, str | None]:
+    """Decode ``image`` at the largest JPEG reduction its crop allows, then render one view."""
+    width, height = image.size
+    source_scale = (1.0, 1.0)
+    reduction = draft_reduction((params.crop,), size)
+    if reduction > 1:
+        drafted = image.draft("RGB", (width // reduction, height // reduction))  # None: not a JPEG
+        if drafted is not None:
+            _, (_, _, drafted_width, drafted_height) = drafted
+            source_scale = (drafted_width / width, drafted_height / height)
+    decoded = decode_rgb(image)
+    return render_view(decoded.image, params, size, source_scale), decoded.converted_from
+
+
 class CenterCropTransform:
     """Encoded image bytes -> one deterministic evaluation view (uint8), for kNN and linear probes.
 
@@ -508,13 +522,44 @@ class CenterCropTransform:
         width, height = image.size
         side = max(1, int(round(min(width, height) * self.crop_fraction)))
         crop = CropBox(top=(height - side) // 2, left=(width - side) // 2, height=side, width=side)
-        source_scale = (1.0, 1.0)
-        reduction = draft_reduction((crop,), self.size)
-        if reduction > 1:
-            drafted = image.draft("RGB", (width // reduction, height // reduction))
-            if drafted is not None:
-                _, (_, _, drafted_width, drafted_height) = drafted
-                source_scale = (drafted_width / width, drafted_height / height)
-        decoded = decode_rgb(image)
-        view = render_view(decoded.image, ViewParams(crop, flip=False, photometric=None), self.size, source_scale)
-        return view, decoded.converted_from
+        return _render_drafted(image, ViewParams(crop, flip=False, photometric=None), self.size)
+
+
+class RandomResizedCropTransform:
+    """Encoded image bytes -> one RandomResizedCrop + horizontal-flip view (uint8): the training
+    view of the linear classification protocol (official ``main_lincls.py``), no colour changes.
+
+    Args:
+        size: output side in pixels.
+        scale: area fraction range of the crop (torchvision's default (0.08, 1)).
+        ratio: aspect-ratio (width / height) range.
+        limits: images outside these are rejected before decoding.
+
+    Shape:
+        returns (size, size, 3) uint8
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        limits: ImageLimits | None = None,
+    ):
+        if size < 1 or not 0.0 < scale[0] <= scale[1] <= 1.0 or not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"invalid random resized crop: size={size}, scale={scale}, ratio={ratio}")
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+        self.limits = limits if limits is not None else ImageLimits()
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[np.ndarray, str | None]:
+        """The view and the source mode when it was not RGB.
+
+        Raises:
+            ImageDecodeError: the bytes are not a usable image.
+        """
+        image = open_image(data, self.limits)
+        crop = sample_crop_box(*image.size, self.scale, self.ratio, rng)
+        flip = bool(rng.random() < 0.5)
+        return _render_drafted(image, ViewParams(crop, flip=flip, photometric=None), self.size)

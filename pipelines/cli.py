@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from moco_core import __version__
 from pipelines import demo
 from pipelines.cli_common import UserError, common_options
-from pipelines.evaluate import export_command
+from pipelines.evaluate import export_command, probe_command
 from pipelines.ingest import shard_command
 from pipelines.pretrain import command as pretrain_command
 
@@ -32,6 +32,7 @@ PRODUCT_COMMANDS: tuple[Registrar, ...] = (
     shard_command.register,
     pretrain_command.register,
     demo.register,
+    probe_command.register,
     export_command.register,
 )
 

@@ -1,4 +1,5 @@
-"""Per-image view functions the Ray readers apply: two augmented views, or one evaluation view.
+"""Per-image view functions the Ray readers apply: two augmented views (pretraining), one
+evaluation view (kNN, linear probes), or one linear-probe training view.
 
 Both have the signature the readers expect, ``(bytes, rng) -> (views, converted_from)``, and are
 plain picklable objects built on the driver and shipped to the reader tasks.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moco_core.augment import AugmentConfig, CenterCropTransform, TwoViewTransform
+from moco_core.augment import AugmentConfig, CenterCropTransform, RandomResizedCropTransform, TwoViewTransform
 from moco_core.image_io import ImageLimits
 
 #: column names of the pretraining stream's views
@@ -50,4 +51,24 @@ class EvalViewFunction:
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[tuple[np.ndarray, ...], str | None]:
         view, converted_from = self.transform(data)
+        return (view,), converted_from
+
+
+class RandomCropViewFunction:
+    """One RandomResizedCrop + flip view per image: the linear probe's training view.
+
+    Args:
+        size: output side in pixels.
+        scale: crop area fraction range ((0.08, 1) in the official ``main_lincls.py``).
+        limits: images outside these are rejected before decoding.
+    """
+
+    columns = EVAL_VIEW_COLUMNS
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0), limits: ImageLimits | None = None):
+        self.transform = RandomResizedCropTransform(size, scale, limits=limits)
+        self.bytes_per_row = size * size * 3
+
+    def __call__(self, data: bytes, rng: np.random.Generator) -> tuple[tuple[np.ndarray, ...], str | None]:
+        view, converted_from = self.transform(data, rng)
         return (view,), converted_from

@@ -68,3 +68,16 @@ def write_webdataset_tar(path: Path, count: int, start_seed: int = 0, with_label
                 info = tarfile.TarInfo(f"{key}.{extension}")
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
+
+
+def write_colour_classes(root: Path, counts: dict[str, int], seed: int = 0, size: tuple[int, int] = (48, 40)) -> None:
+    """``root/<colour>/<n>.jpg``: noisy images around one colour per class (``red``, ``green``,
+    ``blue``), so that even a randomly initialised backbone's features separate the classes."""
+    colours = {"red": (180, 60, 60), "green": (60, 170, 60), "blue": (60, 60, 180)}
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            noise = rng.normal(0, 40, (size[1], size[0], 3))
+            pixels = np.clip(np.array(colours[name]) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{index:04d}.jpg", quality=90)

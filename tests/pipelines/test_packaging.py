@@ -26,14 +26,19 @@ _COPY_IGNORE = shutil.ignore_patterns(
 _LOAD_EVERY_RECIPE = """
 import json, sys
 import moco_recipes, pipelines
+from pipelines.evaluate.probe_config import PROBE_RECIPES_DIR, load_probe_config, probe_recipe_path
 from pipelines.pretrain.config import RECIPES_DIR, load_config, recipe_path
 names = sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+probe_names = sorted(path.stem for path in PROBE_RECIPES_DIR.glob("*.yaml"))
 for name in names:
     load_config(name)
+for name in probe_names:
+    load_probe_config(name)
 print(json.dumps({
     "names": names,
+    "probe_names": probe_names,
     "recipes_dir": str(RECIPES_DIR),
-    "recipe_paths": [str(recipe_path(name)) for name in names],
+    "recipe_paths": [str(recipe_path(name)) for name in names] + [str(probe_recipe_path(n)) for n in probe_names],
     "modules": [moco_recipes.__file__, pipelines.__file__, sys.modules["moco_core"].__file__],
 }))
 """
@@ -69,8 +74,9 @@ def test_the_wheel_holds_every_package_and_recipe(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     packaged = {name[: -len("/__init__.py")].replace("/", ".") for name in names if name.endswith("/__init__.py")}
     assert packaged == _source_packages()
-    recipes = {Path(name).name for name in names if name.startswith("moco_recipes/") and name.endswith(".yaml")}
-    assert recipes == {path.name for path in (REPO / "recipes").glob("*.yaml")}
+    recipes = {name.removeprefix("moco_recipes/") for name in names if name.startswith("moco_recipes/")}
+    recipe_files = {str(path.relative_to(REPO / "recipes")) for path in (REPO / "recipes").rglob("*.yaml")}
+    assert {name for name in recipes if name.endswith(".yaml")} == recipe_files
 
 
 def test_every_built_in_recipe_loads_from_a_non_editable_install(wheel, tmp_path):
@@ -91,6 +97,7 @@ def test_every_built_in_recipe_loads_from_a_non_editable_install(wheel, tmp_path
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["names"] == sorted(path.stem for path in (REPO / "recipes").glob("*.yaml"))
+    assert loaded["probe_names"] == sorted(path.stem for path in (REPO / "recipes" / "probe").glob("*.yaml"))
     # Everything came from the install, nothing from the checkout (an editable install's finder included).
     for path in [loaded["recipes_dir"], *loaded["recipe_paths"], *loaded["modules"]]:
         assert Path(path).resolve().is_relative_to(target.resolve()), path
