@@ -17,6 +17,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     _add_ingest(benches, common)
     _add_train(benches, common)
     _add_plan(benches, common)
+    _add_probe(benches, common)
 
     def missing(args: argparse.Namespace) -> dict:
         bench.print_help()
@@ -212,3 +213,32 @@ def _run_plan(args: argparse.Namespace) -> dict:
     from benchmarks.bench_plan import run_plan_benchmark
 
     return run_plan_benchmark(work_dir=args.work_dir, sizes=tuple(args.sizes), footers=not args.no_footers)
+
+
+def _add_probe(benches: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = benches.add_parser(
+        "probe",
+        parents=[common],
+        help="cached linear probe vs the full protocol: accuracy and wall time, same backbone, data, settings",
+        description="Run moco probe --mode full and --mode cached (and cached again, features reused) on the demo's "
+        "photo crops with the same backbone and lincls hyperparameters; report top-1/top-5 of each, their "
+        "difference, and ratio = full seconds / cached seconds.",
+    )
+    parser.add_argument("--work-dir", default=None, help="where the data is kept (default: <tmp>/moco-bench)")
+    parser.add_argument("--backbone", metavar="SOURCE", help="weights to probe (default: a random-init resnet18)")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=10, help="epochs; milestones at 60%% and 80%% (default: 10)"
+    )
+    parser.add_argument(
+        "--cpus-per-worker", type=float, default=1.5, help="CPUs of the full probe's worker (default: 1.5)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="probe config key"
+    )
+    parser.set_defaults(handler=_run_probe)
+
+
+def _run_probe(args: argparse.Namespace) -> dict:
+    from benchmarks.bench_probe import run_probe_benchmark
+
+    return run_probe_benchmark(args.work_dir, args.backbone, args.epochs, args.overrides, args.cpus_per_worker)

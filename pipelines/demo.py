@@ -2,7 +2,8 @@
 
 Builds Parquet shards of a small real dataset available offline, pretrains with the ``demo``
 recipe on a local Ray cluster, and reports the kNN top-1 of the pretrained backbone against the
-same backbone at random initialisation. Two datasets:
+same backbone at random initialisation, then the linear-probe top-1 of both (``moco probe
+--mode cached`` with the official protocol). Two datasets:
 
 * ``photos`` (default): 32 px crops of the real photographs shipped in scikit-learn, matplotlib
   and scikit-image (``pipelines.sample_photos``), 150 training and 30 validation crops per
@@ -18,11 +19,16 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from pipelines.console import note
+
+if TYPE_CHECKING:
+    from pipelines.evaluate.backbones import Backbone
+    from pipelines.pretrain.config import PretrainConfig
 
 DEMO_SIZE = 32
 
@@ -93,7 +99,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         parents=[common],
         help="the main job end to end on a small offline dataset (a few minutes on 2 CPU cores)",
         description="Build shards of a small real dataset available offline, pretrain with the demo recipe on "
-        "a local Ray cluster, and report kNN top-1 of the pretrained vs the randomly initialised backbone.",
+        "a local Ray cluster, and report kNN and linear-probe (cached, official protocol) top-1 of the pretrained "
+        "vs the randomly initialised backbone.",
     )
     parser.add_argument(
         "--dataset",
@@ -106,6 +113,44 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     parser.add_argument("--epochs", type=positive_int, help="override the demo recipe's epochs")
     add_overrides_option(parser, "override a config key of the demo recipe (repeatable)")
     parser.set_defaults(handler=_run)
+
+
+def random_init_backbone(pretrain_config: PretrainConfig) -> Backbone:
+    """The run's backbone architecture at a seeded random initialisation (the probe's baseline)."""
+    import torch
+
+    from moco_core.encoders import build_backbone
+    from pipelines.config import to_dict
+    from pipelines.evaluate.backbones import Backbone
+
+    torch.manual_seed(pretrain_config.training.seed)
+    model = pretrain_config.model
+    module, _ = build_backbone(model.arch, model.small_image_stem)
+    return Backbone(
+        model.arch,
+        model.small_image_stem,
+        module.state_dict(),
+        source="random initialisation",
+        kind="random",
+        provenance={"config": to_dict(pretrain_config)},
+    )
+
+
+def linear_probes(run_dir: Path, config: PretrainConfig, train: str, val: str, parent: str | None) -> dict[str, float]:
+    """Cached linear-probe top-1 of the run's backbone and of the random-init one (official protocol)."""
+    from pipelines.evaluate.probe import run_probe
+    from pipelines.evaluate.probe_config import load_probe_config
+
+    overrides = [f"tracking.parent_run_id={parent}"] if parent else []
+    if config.tracking.uri:
+        overrides.append(f"tracking.uri={config.tracking.uri}")
+    probe_config = load_probe_config("lincls", overrides)
+    results = {}
+    for name, source in (("pretrained", str(run_dir)), ("random_init", random_init_backbone(config))):
+        note(f"demo: linear probe (cached features, official lincls protocol) of the {name.replace('_', ' ')} backbone")
+        summary = run_probe(source, [train], [val], str(run_dir / f"probe-{name}"), probe_config, "cached")
+        results[name] = summary["top1"]
+    return results
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -121,10 +166,16 @@ def _run(args: argparse.Namespace) -> dict:
     train, val = build_demo_shards(root, args.dataset)
     run_dir = root / "runs" / time.strftime("%Y%m%d-%H%M%S")
     summary = run_pretraining(config, [train], str(run_dir), val_data=[val])
+    probes = linear_probes(run_dir, config, train, val, summary["mlflow_run_id"])
+    summary["probe_top1"], summary["probe_top1_random_init"] = probes["pretrained"], probes["random_init"]
     note("")
     note(
         f"kNN top-1 on held-out {args.dataset}: {summary['knn_top1']:.1f}% after pretraining, "
         f"{summary['knn_top1_random_init']:.1f}% at random initialisation"
+    )
+    note(
+        f"linear-probe top-1 (cached, lr 30, 100 epochs): {summary['probe_top1']:.1f}% after pretraining, "
+        f"{summary['probe_top1_random_init']:.1f}% at random initialisation"
     )
     note(f"checkpoints: {run_dir / 'train'}   backbone: {summary.get('backbone')}")
     note(f"MLflow run {summary['mlflow_run_id']}: open the UI with  {summary['mlflow_ui']}")

@@ -147,7 +147,7 @@ def run_probe(
         }
     )
     note(
-        f"probe ({mode}): {backbone.arch} from {backbone.kind} {backbone.source}; {view.size} px, "
+        f"probe ({mode}): {backbone.arch} ({backbone.kind}: {backbone.source}); {view.size} px, "
         f"crop {view.crop_fraction:g} (view settings from the {view.source}); lr {config.optim.lr:g}, "
         f"wd {config.optim.weight_decay:g}, {config.optim.epochs} epochs, batch {config.optim.batch_size}"
     )

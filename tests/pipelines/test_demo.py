@@ -16,3 +16,18 @@ def test_photo_and_digit_demo_shards(tmp_path):
     digits_train, digits_val = build_demo_shards(tmp_path, "digits")
     assert plan_collection(digits_train).num_images + plan_collection(digits_val).num_images == 1797
     assert plan_collection(digits_val).class_names == tuple(str(d) for d in range(10))
+
+
+def test_random_init_baseline_is_the_runs_architecture_seeded():
+    import torch
+
+    from pipelines.demo import random_init_backbone
+    from pipelines.evaluate.backbones import build_backbone_module
+    from pipelines.pretrain.config import load_config
+
+    config = load_config("demo")
+    first, second = random_init_backbone(config), random_init_backbone(config)
+    assert (first.arch, first.small_image_stem, first.kind) == ("resnet18", True, "random")
+    assert all(torch.equal(first.state_dict[name], second.state_dict[name]) for name in first.state_dict)
+    assert first.provenance["config"]["augment"]["size"] == 32  # the probe takes its view from the run
+    build_backbone_module(first)  # loads strictly
