@@ -24,6 +24,7 @@ from pipelines.cli_common import UserError, common_options
 from pipelines.evaluate import export_command, probe_command
 from pipelines.ingest import shard_command
 from pipelines.pretrain import command as pretrain_command
+from pipelines.tune import command as tune_command
 
 #: Adds one subcommand: ``register(commands, common)`` with the subparsers and the common options.
 Registrar = Callable[[argparse._SubParsersAction, argparse.ArgumentParser], None]
@@ -34,6 +35,7 @@ PRODUCT_COMMANDS: tuple[Registrar, ...] = (
     demo.register,
     probe_command.register,
     export_command.register,
+    tune_command.register,
 )
 
 

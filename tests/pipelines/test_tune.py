@@ -1,0 +1,155 @@
+"""moco tune: the probe grid on shared cached features, resume, and the pretraining sweeps
+(momentum with a diverging trial, mechanism x K), with the MLflow parent and nested runs."""
+
+# ruff: noqa: F401, F811 -- the data fixtures of test_probe and test_pretrain, imported and used as arguments
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from pipelines.evaluate.probe_config import load_probe_config
+from pipelines.tune.probe_sweep import run_probe_sweep
+from pipelines.tune.resume import resume_sweep
+from tests.pipelines.test_pretrain import TINY as PRETRAIN_TINY
+from tests.pipelines.test_pretrain import tiny_shards
+from tests.pipelines.test_probe import TINY as PROBE_TINY
+from tests.pipelines.test_probe import colour_shards
+
+#: One worker per trial (the CI machine has 2 cores), one epoch of 4 steps.
+ONE_WORKER = [
+    item
+    for item in PRETRAIN_TINY
+    if not item.startswith(("scaling.", "training.epochs", "eval.every_epochs", "checkpoint.every_steps"))
+] + ["scaling.workers=1", "scaling.cpus_per_worker=1", "training.epochs=1", "eval.every_epochs=0"]
+ONE_WORKER.append("checkpoint.every_steps=0")
+
+
+def _probe_config(tmp_path, *extra):
+    tracking = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"
+    return load_probe_config("lincls", PROBE_TINY + ["optim.epochs=10", tracking, *extra])
+
+
+def _client(summary):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
+
+
+def _children(client, parent_id):
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.info.run_name: run for run in runs}
+
+
+@pytest.fixture(scope="module")
+def probe_sweep(ray_cluster, colour_shards, tmp_path_factory):
+    """A 2-trial probe grid (lr 1 against lr 1e-8: barely off its initialisation), 100 epochs each
+    so that the trials overlap."""
+    backbone, train, val = colour_shards
+    root = tmp_path_factory.mktemp("probe_sweep")
+    config = _probe_config(root, "optim.epochs=100", "optim.milestones=[80,90]")
+    points = [{"optim.lr": 1.0}, {"optim.lr": 1e-8}]
+    return run_probe_sweep(backbone, [train], [val], str(root / "sweep"), config, points)
+
+
+def test_probe_grid_trials_share_the_features_run_concurrently_and_the_better_wins(probe_sweep):
+    summary = probe_sweep
+    rows = {row["trial"]: row for row in summary["rows"]}
+    assert [row["status"] for row in summary["rows"]] == ["ok", "ok"]
+    assert summary["best"]["trial"] == "lr=1" and rows["lr=1"]["top1"] > rows["lr=1e-08"]["top1"]
+    assert rows["lr=1"]["top1"] >= 90.0 and rows["lr=1"]["epochs"] == 100
+    first, second = sorted(summary["rows"], key=lambda row: row["started"])
+    assert second["started"] < first["ended"], "the two trials did not run at the same time"
+    assert summary["features_reused"] is False and len(list(Path(summary["features"]).parent.iterdir())) == 1
+
+    client = _client(summary)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_top1"] == rows["lr=1"]["top1"]
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.md", "best.json", "probe_grid.png", "sweep.json"} <= artifacts
+    children = _children(client, parent.info.run_id)
+    assert set(children) == {"lr=1", "lr=1e-08"}
+    assert children["lr=1"].data.params["optim.lr"] == "1.0"
+    assert children["lr=1"].data.metrics["top1"] == rows["lr=1"]["top1"]
+    output = Path(summary["output"])
+    table = (output / "results.csv").read_text().splitlines()
+    assert table[0].startswith("trial,optim.lr,status,top1") and len(table) == 3
+    assert (output / "probe_grid.png").stat().st_size > 0
+
+
+def test_an_interrupted_probe_sweep_resumes_without_rerunning_finished_trials(probe_sweep, colour_shards, tmp_path):
+    backbone, train, val = colour_shards
+    output = tmp_path / "sweep"
+    # The same backbone and data: the features cached by the other sweep are read back.
+    shutil.copytree(Path(probe_sweep["features"]).parent, output / "features")
+    points = [{"optim.lr": lr} for lr in (1.0, 3.0, 10.0)]
+    config = _probe_config(tmp_path)
+    first = run_probe_sweep(
+        backbone, [train], [val], str(output), config, points, max_concurrent=1, stop_after_trials=1
+    )
+    done = [row for row in first["rows"] if row["status"] == "ok"]
+    assert len(done) == 1 and first["statuses"].get("pending", 0) >= 1 and first["features_reused"] is True
+    resumed = resume_sweep(str(output))
+    assert resumed["resumed"] is True and [row["status"] for row in resumed["rows"]] == ["ok", "ok", "ok"]
+    again = next(row for row in resumed["rows"] if row["trial"] == done[0]["trial"])
+    assert again["started"] == done[0]["started"]  # its result was kept, the trial not rerun
+    children = _children(_client(resumed), resumed["mlflow_run_id"])
+    assert sorted(children) == sorted(row["trial"] for row in resumed["rows"])  # one nested run each, no repeat
+
+
+def test_momentum_sweep_reports_every_trial_and_a_diverging_one_as_fail(
+    ray_cluster,
+    tiny_shards,
+    tmp_path,
+    capsys,
+):
+    train, val = tiny_shards
+    space = tmp_path / "space.yaml"
+    # The second trial's lr makes its loss non-finite: the sweep must report it, not stop.
+    space.write_text(
+        "sweep: momentum\npoints:\n  - {momentum.base: 0.99}\n  - {momentum.base: 0.0, optim.lr: 1.0e+29}\n"
+    )
+    argv = ["tune", "momentum", "--recipe", "demo", "--data", train, "--val-data", val, "--space", str(space)]
+    argv += ["--output", str(tmp_path / "sweep"), "--probe-lrs", "1", "--probe-set", "optim.epochs=5", "--json"]
+    argv += [f"--set={item}" for item in ONE_WORKER + [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ok, failed = summary["rows"]
+    assert ok["status"] == "ok" and ok["probe_lr"] == 1.0 and isinstance(ok["top1"], float) and ok["steps"] == 4
+    assert failed["status"] == "fail" and "non-finite" in failed["reason"] and failed.get("top1") is None
+    assert summary["best"]["trial"] == ok["trial"] and Path(summary["plot"]).name == "momentum.png"
+    children = _children(_client(summary), summary["mlflow_run_id"])
+    assert set(children) == {ok["trial"], failed["trial"]}
+    diverged = children[failed["trial"]]
+    assert diverged.info.status == "FAILED" and diverged.data.tags["sweep_status"] == "fail"
+    assert children[ok["trial"]].data.metrics["sweep_top1"] == ok["top1"]
+
+
+def test_mechanism_sweep_runs_all_three_mechanisms(ray_cluster, tiny_shards, tmp_path):
+    from pipelines.pretrain.config import load_config
+    from pipelines.tune.pretrain_sweep import TrialProbe, run_mechanism_sweep
+
+    train, val = tiny_shards
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "sweep: mechanism\npoints:\n  - {mechanism: end_to_end, k: 8}\n  - {mechanism: memory_bank, k: 8}\n"
+        "  - {mechanism: moco, k: 16}\n  - {mechanism: end_to_end, k: 64}\n"
+    )
+    config = load_config("demo", ONE_WORKER + [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    summary = run_mechanism_sweep(config, [train], [val], str(tmp_path / "sweep"), str(space), probe=TrialProbe("knn"))
+    rows = {(row["mechanism"], row["k"]): row for row in summary["rows"]}
+    assert {key: row["status"] for key, row in rows.items()} == {
+        ("end_to_end", 8): "ok",
+        ("memory_bank", 8): "ok",
+        ("moco", 16): "ok",
+        ("end_to_end", 64): "skipped",  # a batch of 64 does not fit 32 training images
+    }
+    assert all(isinstance(rows[key]["top1"], float) for key in [("end_to_end", 8), ("memory_bank", 8), ("moco", 16)])
+    params = {name: run.data.params for name, run in _children(_client(summary), summary["mlflow_run_id"]).items()}
+    assert params["mechanism=end_to_end,k=8"]["optim.batch_size"] == "8"
+    assert params["mechanism=moco,k=16"]["model.queue_size"] == "16"
+    assert params["mechanism=memory_bank,k=8"]["model.mechanism"] == "memory_bank"
+    assert Path(summary["plot"]).name == "mechanism_k.png"
