@@ -93,9 +93,13 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+#: Short names of the keys sweeps vary most; other keys are named by their last part.
+SHORT_NAMES = {"momentum.base": "m", "optim.weight_decay": "wd", "model.queue_size": "queue"}
+
+
 def trial_name(point: Point) -> str:
-    """A readable, filesystem-safe name: ``lr=0.1,weight_decay=1e-05`` (the last part of each key)."""
-    parts = [f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in point.items()]
+    """A readable, filesystem-safe name: ``lr=0.1,wd=1e-05``, ``m=0.999``, ``mechanism=moco,k=4096``."""
+    parts = [f"{SHORT_NAMES.get(key, key.rsplit('.', 1)[-1])}={_short(value)}" for key, value in point.items()]
     return ",".join(parts).replace("/", "_").replace(" ", "")
 
 

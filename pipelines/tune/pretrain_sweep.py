@@ -184,7 +184,6 @@ def pretrain_and_probe(plan: PretrainTrialPlan, point: Point) -> dict[str, Any]:
     from pipelines.pretrain.checkpoints import read_pointer
     from pipelines.pretrain.driver import SUMMARY, RunFailed, run_pretraining
     from pipelines.pretrain.run_files import read_json
-    from pipelines.pretrain.tracking import Tracker
 
     name = trial_name(point)
     trial_dir = Path(plan.output) / TRIALS_DIR / name
@@ -202,7 +201,9 @@ def pretrain_and_probe(plan: PretrainTrialPlan, point: Point) -> dict[str, Any]:
         pointer = read_pointer(str(run_dir)) or {}
         run_id = summary.get("mlflow_run_id", pointer.get("mlflow_run_id"))
         row = {"status": "fail", "reason": str(error), "final_loss": summary.get("final_loss")}
-        return row | {"steps": summary.get("steps"), "mlflow_run_id": run_id}
+        row |= {"steps": summary.get("steps"), "mlflow_run_id": run_id}
+        _tag_trial_run(row, summary.get("tracking_uri"))
+        return row
     verdict, why = loss_verdict(_logged_losses(run_dir), plan.oscillation_tolerance)
     row: dict[str, Any] = {
         "status": verdict,
@@ -221,12 +222,22 @@ def pretrain_and_probe(plan: PretrainTrialPlan, point: Point) -> dict[str, Any]:
         row |= _probe(run_dir, trial_dir, plan)
     else:
         row["top1"] = summary.get("knn_top1")
-    tracker = Tracker(summary.get("tracking_uri") or "", bool(row["mlflow_run_id"]))
-    tracker.attach(row["mlflow_run_id"])
-    tracker.set_tags({"sweep_status": verdict, **({"reason": why[:5000]} if verdict == "fail" else {})})
-    scores = {key: row[key] for key in ("top1", "top5", "probe_lr") if isinstance(row.get(key), (int, float))}
-    tracker.log_metrics({f"sweep_{key}": value for key, value in scores.items()}, int(row.get("steps") or 0))
+    _tag_trial_run(row, summary.get("tracking_uri"))
     return row
+
+
+def _tag_trial_run(row: dict[str, Any], tracking_uri: str | None) -> None:
+    """The sweep's verdict and scores on the trial's own (pretraining) MLflow run."""
+    from pipelines.pretrain.tracking import Tracker
+
+    if not row.get("mlflow_run_id") or not tracking_uri:
+        return
+    tracker = Tracker(tracking_uri, True)
+    tracker.attach(row["mlflow_run_id"])
+    tracker.set_tags({"sweep_status": row["status"], **({"reason": row["reason"][:5000]} if row.get("reason") else {})})
+    scores = {key: row[key] for key in ("top1", "top5", "probe_lr") if isinstance(row.get(key), (int, float))}
+    if scores:
+        tracker.log_metrics({f"sweep_{key}": value for key, value in scores.items()}, int(row.get("steps") or 0))
 
 
 def pretrain_trial(trial: dict[str, Any], plan: PretrainTrialPlan) -> None:

@@ -41,8 +41,8 @@ BEST_FILE = "best.json"
 SUMMARY = "summary.json"
 EXPERIMENT = "moco-tune"
 #: Row statuses: finished; diverged or oscillated (the paper's "fail"); raised; stopped early
-#: by ASHA; not run (the sweep was interrupted before it).
-STATUSES = ("ok", "fail", "error", "stopped", "pending")
+#: by ASHA; not run because it does not fit (end-to-end batches); not run yet (interrupted).
+STATUSES = ("ok", "fail", "error", "stopped", "skipped", "pending")
 
 
 @dataclass(frozen=True)
@@ -360,7 +360,7 @@ def finish_sweep(
     for artifact in (csv_path, md_path, output / BEST_FILE, figure, output / SWEEP_FILE, output / SUMMARY):
         if artifact is not None:
             parent.log_artifact(Path(artifact))
-    parent.finish("FINISHED")
+    parent.finish("KILLED" if counts["pending"] else "FINISHED")  # KILLED: interrupted, --resume continues it
     if best is not None:
         note(f"tune {state.kind}: best trial {best['trial']}: top-1 {best['top1']:.2f}%; table {md_path}")
     else:

@@ -47,7 +47,8 @@ def test_space_files_give_grids_and_points_for_their_own_sweep(tmp_path):
     )
     points = probe_grid_points(str(path))
     assert len(points) == 5 and points[-1] == {"optim.lr": 30, "optim.weight_decay": 1e-4}
-    assert trial_name(points[-1]) == "lr=30,weight_decay=0.0001"
+    assert trial_name(points[-1]) == "lr=30,wd=0.0001"
+    assert trial_name({"momentum.base": 0.999}) == "m=0.999"
     with pytest.raises(ConfigError, match="for 'moco tune probe', not 'moco tune momentum'"):
         momentum_points(str(path))
     path.write_text("grid:\n  model.arch: [resnet50]\n")
