@@ -84,13 +84,14 @@ def mechanism_plot(output: Path, rows: list[dict[str, Any]]) -> Path | None:
     """Top-1 against K per mechanism, K on a log scale."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 3.8))
-    drawn = False
+    drawn, ks = False, set()
     for mechanism in ("end_to_end", "memory_bank", "moco"):
         points = sorted(
             (int(row["k"]), score)
             for row in rows
             if row.get("mechanism") == mechanism and (score := _score(row)) is not None
         )
+        ks.update(k for k, _ in points)
         if points:
             axes.plot(*zip(*points), marker=MARKERS[mechanism], label=mechanism.replace("_", "-"))
             drawn = True
@@ -98,6 +99,8 @@ def mechanism_plot(output: Path, rows: list[dict[str, Any]]) -> Path | None:
         plt.close(figure)
         return None
     axes.set_xscale("log", base=2)
+    axes.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    axes.minorticks_off()
     axes.set(xlabel="K (negatives)", ylabel="top-1 (%)", title="contrastive loss mechanisms against K")
     axes.legend()
     return _save(figure, output / MECHANISM_PLOT)
