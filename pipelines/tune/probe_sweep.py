@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,9 @@ def probe_trial(trial_config: dict[str, Any], plan: ProbeTrialPlan, features: tu
     config = point_config(plan.config, trial_config["trial"])
     torch.set_num_threads(plan.threads)
     device = torch.device("cuda" if plan.use_gpu and torch.cuda.is_available() else "cpu")
-    train_x, train_y, val_x, val_y = (torch.from_numpy(array).to(device) for array in features)
+    with warnings.catch_warnings():  # the object store's arrays are read-only; training only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        train_x, train_y, val_x, val_y = (torch.from_numpy(array).to(device) for array in features)
     epochs = config.optim.epochs
     latest: dict[str, float] = {"val_top1": 0.0, "val_top5": 0.0}
 
