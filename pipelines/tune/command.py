@@ -130,8 +130,9 @@ def _resume(args: argparse.Namespace, sweep: str) -> dict:
     from pipelines.tune.resume import resume_sweep
     from pipelines.tune.sweep import read_sweep
 
-    if read_sweep(args.resume)["kind"] != sweep:
-        raise UserError(f"{args.resume} holds a {read_sweep(args.resume)['kind']} sweep; use moco tune that --resume")
+    kind = read_sweep(args.resume)["kind"]
+    if kind != sweep:
+        raise UserError(f"{args.resume} holds a {kind} sweep; continue it with moco tune {kind} --resume {args.resume}")
     return resume_sweep(args.resume)
 
 
