@@ -51,6 +51,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)  # the options the shards were built with
     converted_by_mode: dict[str, int] = field(default_factory=dict)  # kept images whose mode was not RGB
     num_ignored: int = 0  # files / tar samples without an image extension
+    num_hidden: int = 0  # hidden files, never taken as images
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

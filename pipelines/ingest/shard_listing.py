@@ -71,13 +71,20 @@ class SourceListing:
     tar_keys: list[str] = field(default_factory=list)
     class_names: set[str] = field(default_factory=set)
     skipped: list[SkippedFile] = field(default_factory=list)
-    num_ignored: int = 0
+    num_ignored: int = 0  # files and tar samples without an image extension
     ignored_examples: list[str] = field(default_factory=list)
+    num_hidden: int = 0  # hidden files (``.DS_Store``, macOS ``._x.jpg`` resource forks)
+    hidden_examples: list[str] = field(default_factory=list)
 
     def ignore(self, name: str) -> None:
         self.num_ignored += 1
         if len(self.ignored_examples) < 5:
             self.ignored_examples.append(name)
+
+    def hide(self, name: str) -> None:
+        self.num_hidden += 1
+        if len(self.hidden_examples) < 5:
+            self.hidden_examples.append(name)
 
 
 def list_sources(
@@ -151,6 +158,9 @@ def _walk_class_folder(
 
 
 def _add_file(listing: SourceListing, root: Path, relative: str, name: str, class_name: str | None) -> None:
+    if name.startswith("."):
+        listing.hide(relative)
+        return
     if not is_image_file_name(name):
         listing.ignore(relative)
         return

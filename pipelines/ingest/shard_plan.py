@@ -109,8 +109,10 @@ class ShardPlan:
     planned_images: dict[str, int]  # shard name -> planned image count
     class_names: list[str]
     skipped: list[SkippedFile]  # found while listing: unreadable folders, broken tars
-    num_ignored: int
+    num_ignored: int  # files and tar samples without an image extension
     ignored_examples: list[str]
+    num_hidden: int  # hidden files in the folders
+    hidden_examples: list[str]
     fingerprint: str
 
     @property
@@ -155,6 +157,8 @@ def plan_shards(
         skipped=[skip for listing in listings for skip in listing.skipped],
         num_ignored=sum(listing.num_ignored for listing in listings),
         ignored_examples=[example for listing in listings for example in listing.ignored_examples][:5],
+        num_hidden=sum(listing.num_hidden for listing in listings),
+        hidden_examples=[example for listing in listings for example in listing.hidden_examples][:5],
         fingerprint=_fingerprint(sources, tasks, class_names, options),
     )
 

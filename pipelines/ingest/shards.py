@@ -54,6 +54,7 @@ from pipelines.ingest.shard_plan import (
     plan_shards,
 )
 from pipelines.ingest.shard_writer import ShardResult, build_task, prepare_image
+from pipelines.ingest.webdataset import IMAGE_EXTENSIONS
 
 __all__ = [
     "DEFAULT_IMAGES_PER_SHARD",
@@ -87,6 +88,7 @@ class ShardReport:
     num_converted: int
     converted_by_mode: dict[str, int]
     num_ignored: int
+    num_hidden: int
     num_classes: int
     shards_built: int
     shards_reused: int
@@ -155,6 +157,8 @@ def build_shards(
         if worker_count > 1 and num_tars > 1:
             pool = stack.enter_context(_process_pool(worker_count, counter))
         plan = plan_shards(resolved_sources, options, exclude=output, parallel_map=pool.map if pool else None)
+        if not plan.num_images:
+            raise ValueError(f"no images in {', '.join(plan.sources)}{_what_was_not_taken(plan)}")
         _note_plan(plan, show_progress)
         stack.enter_context(locked_directory(output))
         finished = load_finished_shards(output, plan, options)
@@ -187,9 +191,26 @@ def _note_plan(plan: ShardPlan, show: bool) -> None:
     if plan.num_ignored:
         examples = ", ".join(plan.ignored_examples)
         note(f"moco shard: ignored {plan.num_ignored} files without an image extension (e.g. {examples})")
+    if plan.num_hidden:
+        examples = ", ".join(plan.hidden_examples)
+        note(f"moco shard: ignored {plan.num_hidden} hidden files (e.g. {examples})")
     if plan.skipped:
         first = plan.skipped[0]
         note(f"moco shard: {len(plan.skipped)} problems while listing, e.g. {first.source}: {first.reason}")
+
+
+def _what_was_not_taken(plan: ShardPlan) -> str:
+    """`` (ignored ...)``: what listing found that is not an image, for the no-images error."""
+    parts = []
+    if plan.num_ignored:
+        parts.append(f"{plan.num_ignored} files without an image extension, e.g. {plan.ignored_examples[0]}")
+    if plan.num_hidden:
+        parts.append(f"{plan.num_hidden} hidden files, e.g. {plan.hidden_examples[0]}")
+    if plan.skipped:
+        parts.append(f"{len(plan.skipped)} unreadable, e.g. {plan.skipped[0].source}: {plan.skipped[0].reason}")
+    if not parts:
+        return f" (image extensions: {', '.join(IMAGE_EXTENSIONS)})"
+    return f" (ignored {'; '.join(parts)}; image extensions: {', '.join(IMAGE_EXTENSIONS)})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +343,7 @@ def _manifest_for(plan: ShardPlan, options: ShardOptions, results: dict[str, Sha
         options=options_record(options),
         converted_by_mode=dict(sorted(converted.items())),
         num_ignored=plan.num_ignored,
+        num_hidden=plan.num_hidden,
     )
 
 
@@ -337,6 +359,7 @@ def _report(manifest: Manifest, output: Path, manifest_path: Path, shards_built:
         num_converted=sum(manifest.converted_by_mode.values()),
         converted_by_mode=manifest.converted_by_mode,
         num_ignored=manifest.num_ignored,
+        num_hidden=manifest.num_hidden,
         num_classes=len(manifest.class_names),
         shards_built=shards_built,
         shards_reused=manifest.num_shards - shards_built,

@@ -106,6 +106,29 @@ def test_flat_folder_gives_unlabeled_images(tmp_path):
     assert report.num_classes == 0 and read_manifest(tmp_path / "out").class_names == []
 
 
+def test_hidden_files_are_reported_apart_from_files_without_an_image_extension(tmp_path, capsys):
+    write(tmp_path / "flat" / "a.jpg", image_bytes(10, 10, seed=1))
+    write(tmp_path / "flat" / ".hidden.jpg", image_bytes(10, 10, seed=2))
+    write(tmp_path / "flat" / "._a.jpg", b"a macOS resource fork")
+    write(tmp_path / "flat" / "notes.txt", b"not an image")
+    report = shard([tmp_path / "flat"], tmp_path / "out", show_progress=True)
+    err = capsys.readouterr().err
+    assert "ignored 1 files without an image extension (e.g. notes.txt)" in err
+    assert "ignored 2 hidden files (e.g. ._a.jpg, .hidden.jpg)" in err
+    assert (report.num_images, report.num_ignored, report.num_hidden) == (1, 1, 2)
+    assert read_manifest(tmp_path / "out").num_hidden == 2
+
+
+def test_cli_a_folder_without_images_is_an_error_naming_what_it_holds(tmp_path, capsys):
+    write(tmp_path / "flat" / "notes.txt", b"not an image")
+    write(tmp_path / "flat" / ".hidden.jpg", image_bytes(10, 10))
+    assert cli.main(["shard", str(tmp_path / "flat"), "--output", str(tmp_path / "out"), "--workers", "1"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"moco: error: no images in {(tmp_path / 'flat').resolve()} (ignored 1 files without")
+    assert "e.g. notes.txt" in line and "1 hidden files, e.g. .hidden.jpg" in line
+    assert not list((tmp_path / "out").glob("*"))
+
+
 def test_text_file_with_integer_labels_class_names_and_none(tmp_path):
     write(tmp_path / "images" / "a.jpg", image_bytes(10, 10, seed=1))
     write(tmp_path / "images" / "b.jpg", image_bytes(10, 10, seed=2))
