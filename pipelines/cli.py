@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from moco_core import __version__
 from pipelines import demo
 from pipelines.cli_common import UserError, common_options
+from pipelines.console import set_debug
 from pipelines.evaluate import export_command, probe_command
 from pipelines.ingest import shard_command
 from pipelines.pretrain import command as pretrain_command
@@ -73,10 +74,11 @@ def main(argv: Sequence[str] | None = None, registrars: Sequence[Registrar] = PR
         parser.print_help(sys.stderr)
         return 2
     debug = getattr(args, "debug", False)
+    set_debug(debug)
     try:
         results = handler(args)
-    except KeyboardInterrupt:
-        print("moco: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"moco: {interrupt}" if str(interrupt) else "moco: interrupted", file=sys.stderr)
         return 130
     except (UserError, ValueError, FileNotFoundError, PermissionError) as error:
         if debug:

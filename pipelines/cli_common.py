@@ -10,13 +10,19 @@ class UserError(Exception):
     shown without a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a job; the message says where it stopped and how to continue (exit 130)."""
+
+
 def common_options() -> argparse.ArgumentParser:
     """Parent parser giving every subcommand ``--json`` and ``--debug``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--json", action="store_true", help="print the results as one JSON object on the last stdout line"
     )
-    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    common.add_argument(
+        "--debug", action="store_true", help="show full tracebacks on errors, and Ray's and MLflow's own log lines"
+    )
     return common
 
 

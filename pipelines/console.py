@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
+
+_debug = False
+_sink: Callable[[str], None] | None = None
+
+
+def set_debug(enabled: bool) -> None:
+    """``--debug``: tracebacks on errors, and Ray's and MLflow's own log lines on the terminal."""
+    global _debug
+    _debug = enabled
+
+
+def debug_enabled() -> bool:
+    return _debug
+
+
+def send_notes_to(sink: Callable[[str], None] | None) -> None:
+    """Route this process's :func:`note` lines to ``sink`` (a Ray worker sends them to the driver,
+    which prints them: the worker's own stderr goes to Ray's log files); None: back to stderr."""
+    global _sink
+    _sink = sink
 
 
 def note(message: str, stream: TextIO | None = None) -> None:
-    """One line of progress or information on stderr.
+    """One line of progress or information on stderr (or where :func:`send_notes_to` says).
 
     Written to the stream directly: inside Ray Train workers ``print`` is patched to also log,
     which would show every line twice.
     """
+    if stream is None and _sink is not None:
+        _sink(message)
+        return
     stream = stream or sys.stderr
     stream.write(message + "\n")
     stream.flush()

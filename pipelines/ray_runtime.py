@@ -1,9 +1,22 @@
-"""Ray set-up shared by every job: joining or starting a cluster, and keeping Ray Data quiet."""
+"""Ray set-up shared by every job: joining or starting a cluster, keeping Ray's own output in its
+log files, and stopping what a job started.
+
+What the user sees on the terminal is our progress and our messages. Ray's own lines (its
+workers' and actors' stdout and stderr, its deprecation and start-up warnings, Ray Data's
+execution lines) stay in Ray's log files, named once when the cluster starts; ``--debug`` shows
+them on the terminal as well. Our workers' progress reaches the terminal through
+:mod:`pipelines.run_console`, not through Ray's log forwarding.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import warnings
+from pathlib import Path
+
+from pipelines.console import debug_enabled, note
 
 
 def quiet_ray_data() -> None:
@@ -18,10 +31,77 @@ def quiet_ray_data() -> None:
     warnings.filterwarnings("ignore", message=".*exclude_resources.*deprecated")
 
 
-def ensure_ray() -> None:
-    """Join the running cluster (``RAY_ADDRESS``, ``ray job submit``), else start a local one."""
+def ensure_ray() -> bool:
+    """Join the running cluster (``RAY_ADDRESS``, ``ray job submit``), else start a local one.
+
+    Returns:
+        True when this call started Ray (a local cluster, or the connection to ``RAY_ADDRESS``).
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(configure_logging=True, logging_level="WARNING")
+    started = not ray.is_initialized()
+    if started:
+        debug = debug_enabled()
+        # log_to_driver: whether Ray copies every worker's and actor's output to this terminal.
+        context = ray.init(log_to_driver=debug, configure_logging=True, logging_level="INFO" if debug else "ERROR")
+        if not debug:
+            _keep_raylet_messages_in_logs()
+            where = context.address_info.get("session_dir")
+            if where:
+                note(f"Ray's own log lines: {where}/logs (shown here with --debug)")
     quiet_ray_data()
+    return started
+
+
+def _keep_raylet_messages_in_logs() -> None:
+    """Drop the messages raylets push to the driver (e.g. "(raylet) WARNING: 8 PYTHON worker
+    processes have been started ..."), which Ray prints to stdout whatever ``log_to_driver``
+    says and without a switch (ray-project/ray#9384, #63800); each raylet's ``raylet.out`` log
+    keeps them. A Ray without the printing function this replaces prints them as before."""
+    from ray._private import worker as ray_worker
+
+    print_to_stdstream = getattr(ray_worker, "print_to_stdstream", None)
+    if print_to_stdstream is None or getattr(print_to_stdstream, "keeps_raylet_messages_in_logs", False):
+        return
+
+    def print_all_but_raylet_messages(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            print_to_stdstream(data, ignore_prefix)
+
+    print_all_but_raylet_messages.keeps_raylet_messages_in_logs = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_all_but_raylet_messages
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray, stopping the local cluster if this process started one.
+
+    The actors a job created (Ray Train's controller and its workers, the reader lanes) belong to
+    this driver, so they stop with it on a joined cluster as well.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def kill_local_ray_now() -> None:
+    """SIGKILL every process this one started, directly or not: the Ray head a local cluster runs
+    here (GCS, raylet, dashboard) and the workers and agents its raylet started, which would take a
+    minute to notice their raylet is gone. Linux only (/proc); elsewhere they end by themselves."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pending, descendants = [os.getpid()], []
+    while pending:
+        children = parents.get(pending.pop(), [])
+        descendants.extend(children)
+        pending.extend(children)
+    for pid in descendants:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

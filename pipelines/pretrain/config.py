@@ -164,9 +164,12 @@ class ScalingSection:
 @dataclass(frozen=True)
 class DebugSection:
     """Testing aids. ``fail_at_step``: the last worker raises once, at that step, on a fresh start.
-    ``record_batches``: write which images every step trained on (local run directories only)."""
+    ``record_batches``: write which images every step trained on (local run directories only).
+    ``damage_checkpoint_at_step``: on a fresh start, rank 0 truncates that step's ``model.pt`` once
+    it is recorded, as a disk that loses data would (local run directories only)."""
 
     fail_at_step: int = 0
+    damage_checkpoint_at_step: int = 0
     record_batches: bool = False  # every rank appends each batch's (epoch, index) to OUTPUT/debug_batches_rank<r>.jsonl
 
 

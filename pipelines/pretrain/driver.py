@@ -18,27 +18,40 @@ directory layout::
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from moco_core.image_io import ImageLimits
-from pipelines.cli_common import UserError
+from pipelines.cli_common import Interrupted, UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
+from pipelines.filesystems import join
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.sources import check_decodable
 from pipelines.ingest.stream import build_view_dataset, plan_layout
 from pipelines.ingest.units import Collection, ColumnNames
 from pipelines.ingest.views import EvalViewFunction, TwoViewFunction
-from pipelines.pretrain.checkpoints import POINTER_NAME, read_pointer
+from pipelines.pretrain.checkpoints import (
+    POINTER_NAME,
+    TRAIN_DIR,
+    DamagedCheckpoint,
+    IntactCheckpoint,
+    holds_run,
+    list_checkpoints,
+    newest_intact_checkpoint,
+    newest_recorded_checkpoint,
+    read_pointer,
+)
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
 from pipelines.pretrain.plan import PretrainPlan
 from pipelines.pretrain.run_files import read_json, read_text, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
-from pipelines.ray_runtime import ensure_ray
+from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, stop_ray
+from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
 
 RUN_INPUTS = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -81,10 +94,19 @@ def _knn_collections(train: Collection, val: Collection | None) -> tuple[Collect
     return val.select(slice(0, None, 2)), val.select(slice(1, None, 2))
 
 
-def _check_cluster(config: PretrainConfig) -> None:
-    """The trainer must leave CPUs to the data readers (checked before anything is created)."""
+def _check_cluster(config: PretrainConfig, fixed: bool) -> None:
+    """The trainer must leave CPUs to the data readers, and on a cluster that cannot grow (``fixed``:
+    the local one this process started) find the GPUs it asks for (checked before anything is
+    created: Ray Train would otherwise wait for them)."""
     import ray
 
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    trainer_gpus = config.scaling.workers * config.scaling.gpus_per_worker
+    if fixed and trainer_gpus > cluster_gpus:
+        raise ConfigError(
+            f"the trainer asks for {trainer_gpus:g} GPUs and this machine has {cluster_gpus:g}; "
+            "lower --gpus-per-worker or --workers, or join a cluster that has them (RAY_ADDRESS)"
+        )
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     trainer_cpus = config.scaling.workers * config.scaling.cpus_per_worker
     if trainer_cpus >= cluster_cpus:
@@ -130,31 +152,42 @@ def run_pretraining(
 ) -> dict[str, Any]:
     """Pretrain with Ray Train and return the summary (also written to ``OUTPUT/summary.json``).
 
+    Everything that can be checked (config, data, cluster resources, the run directory, the
+    checkpoint to resume from) is checked before anything is created; what is created before a
+    failure is marked: the MLflow run FAILED (KILLED on Ctrl-C), and ``output`` holds no
+    checkpoint unless training wrote one, so it can be given again.
+
     Args:
         config: validated job configuration (see :mod:`pipelines.pretrain.config`).
         data: training collection paths/URIs/globs.
         output: run directory (local path or URI); must not hold another run unless ``resume``.
         val_data: labelled collection for the kNN monitor, or None.
-        resume: continue the run in ``output`` from its newest checkpoint.
+        resume: continue the run in ``output`` from its newest intact checkpoint (from step 0
+            when it stopped before its first checkpoint).
 
     Raises:
-        ConfigError: bad inputs (before Ray starts training).
+        ConfigError: bad inputs, or nothing to resume (before anything is created).
         RunFailed: training stopped early; the message says why and where the last checkpoint is.
+        Interrupted: Ctrl-C; the message says where the run stopped and how to continue it.
     """
     started = time.time()
     output = output if "://" in output else str(Path(output).resolve())
-    pointer = read_pointer(output)
-    if pointer and not resume:
+    if not resume and holds_run(output):
         raise ConfigError(
-            f"{output} already holds a run ({POINTER_NAME}); continue it with --resume {output} "
+            f"{output} already holds a run ({POINTER_NAME}, {TRAIN_DIR}/); continue it with --resume {output} "
             "or choose a new --output"
         )
-    ensure_ray()
-    _check_cluster(config)
+    restore = _resume_point(output) if resume else None
+    if restore is not None and _finished_as_configured(restore, config):
+        return _already_complete(output, restore, restore.state.total_steps)
+    started_ray = ensure_ray()
+    _check_cluster(config, fixed=started_ray and not os.environ.get("RAY_ADDRESS"))
     train = _plan(data, config, "--data")
     val = _plan(val_data, config, "--val-data") if val_data else None
     knn_sets = _knn_collections(train, val)
     steps_per_epoch, total_steps = plan_steps(config, train.num_images or 0)
+    if restore is not None and restore.state.step >= total_steps:
+        return _already_complete(output, restore, total_steps)
     lanes_per_worker, lane_cpus = _reader_lanes(config)
     layout = plan_layout(
         train,
@@ -166,101 +199,113 @@ def run_pretraining(
     )
     config_dict = config_to_dict(config)
 
+    # Everything checkable is checked: from here on, what is created is marked if the run stops.
     local_output = Path(output) if "://" not in output else None
     write_json(output, RUN_INPUTS, {"data": data, "val_data": val_data, "scaling": config_dict["scaling"]})
     write_text(output, CONFIG_FILE, yaml.safe_dump(config_dict, sort_keys=False))
 
     tracking_uri = config.tracking.uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, config.tracking.enabled)
-    if pointer and pointer.get("mlflow_run_id"):
-        tracker.attach(pointer["mlflow_run_id"])
-    else:
-        tracker.start(config.tracking.experiment, config.tracking.run_name, config.tracking.parent_run_id)
-        tracker.log_params(
-            {
-                **flatten(config_dict),
-                "data": ",".join(data),
-                "val_data": ",".join(val_data or []),
-                "num_images": train.num_images,
-                "total_steps": total_steps,
-                "steps_per_epoch": steps_per_epoch,
-                "units_per_group": layout.units_per_group,
-                "reader_lanes": layout.total_lanes,
-            }
-        )
-
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.ingest.ingest_state import IngestState
-    from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
-
-    limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
-    augment = config.augment.resolve(on_gpu=config.scaling.gpus_per_worker > 0)
-    datasets = _eval_datasets(knn_sets, config, limits, layout.total_lanes) if knn_sets is not None else {}
-    plan = PretrainPlan(
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        num_images=train.num_images or 0,
-        run_dir=output,
-        collection=ray.put(train),
-        layout=layout,
-        lane_cpus=lane_cpus,
-        train_view=TwoViewFunction(augment, limits),
-        ingest_state=IngestState.remote(),
-        mlflow_run_id=tracker.run_id,
-        tracking_uri=tracking_uri,
-        has_knn=knn_sets is not None,
-        num_classes=max(len(train.class_names), len(val.class_names) if val else 0) or None,
-    )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config_dict, "plan": plan},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.workers,
-            use_gpu=config.scaling.gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": config.scaling.cpus_per_worker,
-                **({"GPU": config.scaling.gpus_per_worker} if config.scaling.gpus_per_worker else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name="train",
-            storage_path=output,
-            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-        # The training stream is built by each worker for its own lanes (pipelines.ingest.stream);
-        # only the kNN datasets go through Ray Train, unsplit.
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-    )
-    note(
-        f"pretraining: {train.num_images} images, {total_steps} steps of {config.optim.batch_size} "
-        f"({steps_per_epoch} per epoch) on {config.scaling.workers} worker(s), {layout.total_lanes} reader "
-        f"lane(s), {layout.units_per_group} read unit(s) mixed per group; run directory {output}"
-    )
+    relay: ConsoleRelay | None = None
     try:
-        result = trainer.fit()
-    except Exception as error:  # noqa: BLE001 -- reported as one line with the checkpoint to resume from
+        if restore is not None and restore.state.mlflow_run_id:
+            tracker.attach(restore.state.mlflow_run_id, reopen=True)
+        else:
+            tracker.start(config.tracking.experiment, config.tracking.run_name, config.tracking.parent_run_id)
+            tracker.log_params(
+                {
+                    **flatten(config_dict),
+                    "data": ",".join(data),
+                    "val_data": ",".join(val_data or []),
+                    "num_images": train.num_images,
+                    "total_steps": total_steps,
+                    "steps_per_epoch": steps_per_epoch,
+                    "units_per_group": layout.units_per_group,
+                    "reader_lanes": layout.total_lanes,
+                }
+            )
+        import ray
+        import ray.train
+        from ray.train.torch import TorchTrainer
+
+        from pipelines.ingest.ingest_state import IngestState
+        from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
+
+        relay = ConsoleRelay(RunConsole.remote(), step=restore.state.step if restore is not None else 0)
+        limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
+        augment = config.augment.resolve(on_gpu=config.scaling.gpus_per_worker > 0)
+        datasets = _eval_datasets(knn_sets, config, limits, layout.total_lanes) if knn_sets is not None else {}
+        plan = PretrainPlan(
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            num_images=train.num_images or 0,
+            run_dir=output,
+            collection=ray.put(train),
+            layout=layout,
+            lane_cpus=lane_cpus,
+            train_view=TwoViewFunction(augment, limits),
+            ingest_state=IngestState.remote(),
+            mlflow_run_id=tracker.run_id,
+            tracking_uri=tracking_uri,
+            has_knn=knn_sets is not None,
+            num_classes=max(len(train.class_names), len(val.class_names) if val else 0) or None,
+            console=relay.console,
+            resume_from=restore.path if restore is not None else None,
+            damaged_checkpoints=restore.damaged_paths if restore is not None else (),
+        )
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": config_dict, "plan": plan},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=config.scaling.workers,
+                use_gpu=config.scaling.gpus_per_worker > 0,
+                resources_per_worker={
+                    "CPU": config.scaling.cpus_per_worker,
+                    **({"GPU": config.scaling.gpus_per_worker} if config.scaling.gpus_per_worker else {}),
+                },
+            ),
+            run_config=ray.train.RunConfig(
+                name=TRAIN_DIR,
+                storage_path=output,
+                failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            ),
+            # The training stream is built by each worker for its own lanes (pipelines.ingest.stream);
+            # only the kNN datasets go through Ray Train, unsplit.
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        )
+        note(
+            f"pretraining: {train.num_images} images, {total_steps} steps of {config.optim.batch_size} "
+            f"({steps_per_epoch} per epoch) on {config.scaling.workers} worker(s), {layout.total_lanes} reader "
+            f"lane(s), {layout.units_per_group} read unit(s) mixed per group; run directory {output}"
+        )
+        try:
+            result = run_watched(trainer.fit, relay)
+        except Exception as error:  # noqa: BLE001 -- reported as one line with the checkpoint to resume from
+            newest = newest_recorded_checkpoint(output)
+            where = f"; resume from step {newest[1]} with --resume {output}" if newest else ""
+            raise RunFailed(f"training failed: {_root_cause(error)}{where}") from error
+    except KeyboardInterrupt:
+        _stop_interrupted(output, tracker, relay)
+    except BaseException:
         tracker.finish("FAILED")
-        last = read_pointer(output)
-        where = f"; resume from step {last['step']} with --resume {output}" if last else ""
-        raise RunFailed(f"training failed: {_root_cause(error)}{where}") from error
+        raise
 
     outcome = read_json(output, WORKER_SUMMARY) or {}
-    last = read_pointer(output)
+    last = newest_recorded_checkpoint(output)
+    steps = outcome.get("steps", 0)
     summary = {
         **outcome,
-        "epochs": round(outcome.get("images_seen", 0) / max(train.num_images or 1, 1), 3),
+        "epochs_completed": steps // steps_per_epoch,
+        "epochs_planned": round(total_steps / steps_per_epoch, 3),
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "num_images": train.num_images,
         "seconds": round(time.time() - started, 1),
         "output": output,
-        "checkpoint": last["path"] if last else None,
+        "checkpoint": last[0] if last else None,
         "mlflow_run_id": tracker.run_id,
         "tracking_uri": tracking_uri,
         "mlflow_ui": ui_command(tracking_uri),
@@ -286,6 +331,89 @@ def run_pretraining(
         raise RunFailed(f"{outcome['stopped']}; the last good checkpoint is {summary['checkpoint']}")
     tracker.finish("FINISHED")
     return summary
+
+
+def _resume_point(output: str) -> IntactCheckpoint | None:
+    """The newest intact checkpoint of the run in ``output``, with one warning naming any newer
+    damaged ones (or a damaged pointer file); None when the run stopped before its first.
+
+    Raises:
+        ConfigError: the run has checkpoints and none is intact (naming the newest one's file).
+    """
+    try:
+        read_pointer(output)
+    except DamagedCheckpoint as damage:
+        note(f"warning: {damage}; looking for checkpoints in {join(output, TRAIN_DIR)} instead")
+    try:
+        found = newest_intact_checkpoint(list_checkpoints(output))
+    except DamagedCheckpoint as damage:
+        raise ConfigError(f"cannot resume {output}: {damage}") from None
+    if found is not None and found.damaged:
+        note(f"warning: {'; '.join(found.damaged)}; resuming from step {found.state.step} ({found.path})")
+    return found
+
+
+#: The keys that set how long a run is: a finished run resumed with other values trains on.
+_LENGTH_KEYS = (("training", "epochs"), ("training", "total_steps"), ("optim", "batch_size"))
+
+
+def _finished_as_configured(restore: IntactCheckpoint, config: PretrainConfig) -> bool:
+    """Whether the checkpoint ends a run planned as long as ``config`` plans it (no data or Ray needed)."""
+    if not restore.state.total_steps or restore.state.step < restore.state.total_steps:
+        return False
+    saved = yaml.safe_load(read_text(restore.path, CONFIG_FILE) or "null") or {}
+    planned = {(section, key): getattr(getattr(config, section), key) for section, key in _LENGTH_KEYS}
+    return all(saved.get(section, {}).get(key) == value for (section, key), value in planned.items())
+
+
+def _already_complete(output: str, restore: IntactCheckpoint, total_steps: int) -> dict[str, Any]:
+    note(
+        f"{output} is already complete (step {restore.state.step} of {total_steps}); to train it longer, "
+        f"give --resume {output} a larger --set training.epochs=N (or training.total_steps=N)"
+    )
+    return {
+        "already_complete": True,
+        "steps": restore.state.step,
+        "total_steps": total_steps,
+        "output": output,
+        "checkpoint": restore.path,
+    }
+
+
+def _stop_interrupted(output: str, tracker: Tracker, relay: ConsoleRelay | None) -> NoReturn:
+    """After Ctrl-C: mark the MLflow run KILLED, stop Ray, and raise :class:`Interrupted` saying
+    where the run stopped and how to continue it. A second Ctrl-C meanwhile exits at once."""
+    previous = signal.signal(signal.SIGINT, _exit_at_once)
+    try:
+        step = 0
+        if relay is not None:
+            try:
+                relay.relay(timeout=2.0)
+            except Exception:  # noqa: BLE001 -- the step the workers last reported will do
+                pass
+            step = relay.step
+        tracker.finish("KILLED")
+        stop_ray()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    newest = newest_recorded_checkpoint(output)
+    if newest is None:
+        raise Interrupted(
+            f"interrupted at step {step}, before the first checkpoint; start it again with "
+            f"moco pretrain --resume {output}"
+        ) from None
+    raise Interrupted(
+        f"interrupted at step {step}; the newest checkpoint is step {newest[1]}; continue with "
+        f"moco pretrain --resume {output}"
+    ) from None
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    """The second Ctrl-C: kill the local Ray processes and exit now (the MLflow run may stay
+    RUNNING; a joined cluster ends this driver's actors when it is gone)."""
+    os.write(2, b"moco: interrupted twice; stopped at once\n")
+    kill_local_ray_now()
+    os._exit(130)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -347,8 +475,8 @@ def load_run_for_resume(output: str, overrides: list[str]) -> tuple[PretrainConf
     from pipelines.config import apply_overrides
 
     inputs, config_text = read_json(output, RUN_INPUTS), read_text(output, CONFIG_FILE)
-    if inputs is None or config_text is None or read_pointer(output) is None:
-        raise ConfigError(f"{output} holds no run to resume (needs {CONFIG_FILE}, {RUN_INPUTS} and a checkpoint)")
+    if inputs is None or config_text is None:
+        raise ConfigError(f"{output} holds no run to resume (needs {CONFIG_FILE} and {RUN_INPUTS})")
     data = apply_overrides(yaml.safe_load(config_text), overrides)
     return config_from_mapping(data), inputs
 

@@ -27,6 +27,9 @@ class PretrainPlan:
         tracking_uri: the MLflow tracking URI.
         has_knn: labelled evaluation data was given (``knn_bank`` / ``knn_query`` datasets).
         num_classes: classes of the evaluation labels, when known.
+        console: the RunConsole actor (pipelines.run_console) the workers' notes and steps go to.
+        resume_from: the checkpoint ``--resume`` continues from, used when Ray Train hands over none.
+        damaged_checkpoints: checkpoints the driver found damaged and reported; never loaded.
     """
 
     total_steps: int
@@ -42,3 +45,6 @@ class PretrainPlan:
     tracking_uri: str
     has_knn: bool
     num_classes: int | None
+    console: Any
+    resume_from: str | None = None
+    damaged_checkpoints: tuple[str, ...] = ()

@@ -8,12 +8,13 @@ the run directory. Only the driver and rank 0 ever create a :class:`Tracker`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.console import note
+from pipelines.console import debug_enabled, note
 
 DEFAULT_STORE_DIR = "mlruns"
 
@@ -82,6 +83,9 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
             import mlflow
 
+            if not debug_enabled():  # e.g. "Creating initial MLflow database tables..."
+                logging.getLogger("mlflow").setLevel(logging.WARNING)
+
             mlflow.set_tracking_uri(self.uri)
             self._mlflow = mlflow.MlflowClient(tracking_uri=self.uri)
         return self._mlflow
@@ -104,11 +108,14 @@ class Tracker:
         self.run_id = self._call("run creation", create)
         return self.run_id
 
-    def attach(self, run_id: str | None) -> None:
-        """Log into an existing run (workers, resumed runs)."""
+    def attach(self, run_id: str | None, reopen: bool = False) -> None:
+        """Log into an existing run (workers, resumed runs); ``reopen``: mark it RUNNING again
+        (a resumed run was left FAILED or KILLED)."""
         self.run_id = run_id
         if run_id is None:
             self.enabled = False
+        elif reopen:
+            self._call("run update", lambda: self._client().update_run(run_id, status="RUNNING"))
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.run_id is None:

@@ -1,8 +1,8 @@
 """The per-worker pretraining loop that Ray Train runs on every worker.
 
 ``train_loop_per_worker`` rebuilds the config and runs :class:`PretrainRunner`: build the model
-(DDP over the worker group), restore the latest checkpoint if Ray Train hands one over (a
-restart after a failure, or a resumed run), build this worker's own lanes of the Ray Data stream
+(DDP over the worker group), restore the newest intact checkpoint if Ray Train hands one over
+(a restart after a failure, or a resumed run), build this worker's own lanes of the Ray Data stream
 from the checkpoint's stream positions, then step. Epoch ends, logging and checkpoints follow
 from the step count alone, so every rank takes them together without talking; the only
 collectives outside the model are at log and checkpoint steps (is any loss non-finite, where
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import posixpath
 import tempfile
 import time
 from collections.abc import Generator, Iterator
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -36,6 +38,7 @@ from moco_core.photometric import normalize_batch, prepare_model_input
 from moco_core.schedules import build_lr_schedule, build_momentum_schedule
 from moco_core.training import ComputeSettings, build_optimizer, forward_backward_seconds, train_step
 from pipelines.console import format_duration, note
+from pipelines.filesystems import join, resolve_filesystem
 from pipelines.ingest.stream import (
     StreamLayout,
     StreamProgress,
@@ -44,10 +47,15 @@ from pipelines.ingest.stream import (
     restart_positions,
 )
 from pipelines.pretrain.checkpoints import (
+    TRAIN_DIR,
+    DamagedCheckpoint,
     RankRandomState,
     TrainingState,
+    checkpoint_name,
+    checkpoints_not_after,
     load_checkpoint,
     save_checkpoint,
+    verify_checkpoint,
     write_pointer,
 )
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict
@@ -55,6 +63,7 @@ from pipelines.pretrain.plan import PretrainPlan
 from pipelines.pretrain.run_files import write_json
 from pipelines.pretrain.tracking import Tracker
 from pipelines.ray_runtime import quiet_ray_data
+from pipelines.run_console import forward_notes
 
 WORKER_SUMMARY = "worker_summary.json"
 #: images in the start-up forward + backward that picks the precision (``training.precision: auto``)
@@ -64,11 +73,13 @@ PRECISION_PROBE_IMAGES = 8
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: ``{"config": <PretrainConfig as dict>, "plan": PretrainPlan}``."""
     quiet_ray_data()
+    plan: PretrainPlan = loop_config["plan"]
+    forward_notes(plan.console)
     config = config_from_mapping(loop_config["config"])
     # The trainer's CPUs, no more: the reader lanes have the others (issue: oversubscribed cores
     # made the job run at a fraction of its own step's speed).
     torch.set_num_threads(config.training.torch_threads or max(1, math.ceil(config.scaling.cpus_per_worker)))
-    PretrainRunner(config, loop_config["plan"]).run()
+    PretrainRunner(config, plan).run()
 
 
 def compute_settings(
@@ -151,7 +162,7 @@ class PretrainRunner:
         )
         self.momentum = build_momentum_schedule(config.momentum.schedule, config.momentum.base, self.total_steps)
         self.generator = torch.Generator().manual_seed(config.training.seed * 1000 + self.rank)
-        self.state = TrainingState(mlflow_run_id=plan.mlflow_run_id)
+        self.state = TrainingState(total_steps=self.total_steps, mlflow_run_id=plan.mlflow_run_id)
         self.progress = StreamProgress(plan.layout.total_lanes)
         self.restored = self._restore()
         # DDP after restoring, so every rank starts from the same weights. Buffers (queue, BN
@@ -180,11 +191,31 @@ class PretrainRunner:
     # ------------------------------------------------------------------ restore / checkpoint
 
     def _restore(self) -> bool:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """Restore the newest intact checkpoint at or before the one Ray Train hands over (the newest
+        registered: a restart after a failure, or a resumed run), else the one ``--resume`` chose.
+
+        A damaged checkpoint (a truncated or altered file) is passed over with one warning for the
+        one before it among the run directory's ``checkpoint_step*`` (the newest ``checkpoint.keep``).
+        """
+        registered = ray.train.get_checkpoint()
+        newest = posixpath.basename(registered.path.rstrip("/")) if registered is not None else self.plan.resume_from
+        if newest is None:
             return False
-        with checkpoint.as_directory() as directory:
-            self.state, random_states = load_checkpoint(Path(directory), self.model, self.optimizer)
+        loaded = None
+        for path in checkpoints_not_after(self.run_dir, posixpath.basename(newest)):
+            if path in self.plan.damaged_checkpoints:  # found and reported by the driver
+                continue
+            try:
+                with ray.train.Checkpoint(path).as_directory() as directory:
+                    loaded = load_checkpoint(Path(directory), self.model, self.optimizer)
+                break
+            except DamagedCheckpoint as damage:
+                if self.rank == 0:
+                    note(f"warning: {damage}; restoring an older checkpoint")
+        if loaded is None:
+            raise DamagedCheckpoint(f"no intact checkpoint to restore in {join(self.run_dir, TRAIN_DIR)}")
+        self.state, random_states = loaded
+        self.state.total_steps = self.total_steps
         if len(random_states) == self.world:
             random_states[self.rank].restore(self.generator, self.device)
         layout = self.plan.layout
@@ -225,7 +256,7 @@ class PretrainRunner:
         self.state.stream_layout = asdict(self.plan.layout)
         self.state.stream_positions = self._stream_positions().tolist()
         random_states = self._random_states()
-        name = f"checkpoint_step{self.state.step:09d}"
+        name = self._checkpoint_name()
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if self.rank == 0:
@@ -239,8 +270,34 @@ class PretrainRunner:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        if self.rank == 0:  # report returned: the checkpoint is in storage and registered
-            write_pointer(self.run_dir, f"{self.run_dir.rstrip('/')}/train/{name}", self.state)
+        if self.rank == 0:  # report returned: the checkpoint is in storage
+            stored = join(join(self.run_dir, TRAIN_DIR), name)
+            try:  # sizes against state.json; checksums too where reading back is local
+                verify_checkpoint(stored, checksums="://" not in stored)
+            except DamagedCheckpoint as damage:
+                note(f"warning: the checkpoint just written is damaged in storage: {damage}; it is not recorded")
+                return
+            write_pointer(self.run_dir, stored, self.state)
+            damage_at = self.config.debug.damage_checkpoint_at_step
+            if damage_at == self.state.step and not self.restored and "://" not in stored:
+                model_file = Path(stored) / "model.pt"
+                model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+
+    def _checkpoint_name(self) -> str:
+        """This step's checkpoint directory: a new name when one exists already (written before a
+        restart that fell back past it), so Ray Train never records one directory twice."""
+        name = checkpoint_name(self.state.step)
+        if self.rank == 0:
+            filesystem, base = resolve_filesystem(join(self.run_dir, TRAIN_DIR))
+            attempt = 0
+            while filesystem.get_file_info(posixpath.join(base, name)).type != pafs.FileType.NotFound:
+                attempt += 1
+                name = checkpoint_name(self.state.step, attempt)
+        if self.world > 1:  # every rank reports the same directory
+            shared = [name]
+            dist.broadcast_object_list(shared, src=0)
+            name = shared[0]
+        return name
 
     # ------------------------------------------------------------------ kNN monitor
 
@@ -351,6 +408,8 @@ class PretrainRunner:
             self.state.images_seen += config.optim.batch_size
             window.steps += 1
             step = self.state.step
+            if self.rank == 0:  # what an interrupted run reports (no reply awaited)
+                self.plan.console.reached.remote(step)
             epoch_ended, final = step % steps_per_epoch == 0, step >= self.total_steps
             self.state.epoch = step // steps_per_epoch
             every = config.checkpoint.every_steps
@@ -435,15 +494,15 @@ class PretrainRunner:
         elapsed = max(time.perf_counter() - started, 1e-9)
         outcome: dict[str, Any] = {
             "steps": self.state.step,
-            "epoch": self.state.epoch,
             "images_seen": self.state.images_seen,
             "images_per_s": (self.state.step - first_step) * self.config.optim.batch_size / elapsed,
             "final_loss": last.get("loss"),
             "pretext_top1": last.get("pretext_top1"),
             "knn_top1": knn,
             "knn_top1_random_init": self.state.knn_top1_random_init,
-            "stopped": stopped,
         }
+        if stopped:
+            outcome["stopped"] = stopped
         outcome["queue_identical_across_workers"] = self._queue_identical()
         if self.rank == 0:
             counts = ray.get(self.plan.ingest_state.snapshot.remote())

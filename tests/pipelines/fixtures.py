@@ -81,3 +81,30 @@ def write_colour_classes(root: Path, counts: dict[str, int], seed: int = 0, size
             noise = rng.normal(0, 40, (size[1], size[0], 3))
             pixels = np.clip(np.array(colours[name]) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{index:04d}.jpg", quality=90)
+
+
+#: ``--set`` overrides of the demo recipe for a pretraining of seconds on 2 CPU workers: 16 px
+#: views, a ResNet-18 with a 16-d head, batches of 8, a checkpoint every 2 steps.
+TINY_PRETRAIN = [
+    "model.arch=resnet18",
+    "model.small_image_stem=true",
+    "model.head=mlp",
+    "model.dim=16",
+    "model.queue_size=40",
+    "model.temperature=0.2",
+    "augment.size=16",
+    "augment.recipe=cifar",
+    "optim.batch_size=8",
+    "optim.lr=0.05",
+    "optim.schedule=cosine",
+    "training.epochs=2",
+    "training.log_every_steps=2",
+    "training.precision=fp32",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep=2",
+    "eval.every_epochs=1",
+    "eval.bank_size=40",
+    "eval.batch_size=16",
+    "scaling.workers=2",
+    "scaling.cpus_per_worker=0.5",
+]

@@ -10,34 +10,11 @@ import torch
 from pipelines.cli import main
 from pipelines.config import ConfigError
 from pipelines.ingest.shards import build_shards
-from pipelines.pretrain.checkpoints import read_pointer
+from pipelines.pretrain.checkpoints import POINTER_NAME, list_checkpoints, newest_intact_checkpoint, read_pointer
 from pipelines.pretrain.config import load_config
-from pipelines.pretrain.driver import RunFailed, load_run_for_resume, run_pretraining
+from pipelines.pretrain.driver import RunFailed, _finished_as_configured, load_run_for_resume, run_pretraining
+from tests.pipelines.fixtures import TINY_PRETRAIN as TINY
 from tests.pipelines.fixtures import write_image_folder
-
-TINY = [
-    "model.arch=resnet18",
-    "model.small_image_stem=true",
-    "model.head=mlp",
-    "model.dim=16",
-    "model.queue_size=40",
-    "model.temperature=0.2",
-    "augment.size=16",
-    "augment.recipe=cifar",
-    "optim.batch_size=8",
-    "optim.lr=0.05",
-    "optim.schedule=cosine",
-    "training.epochs=2",
-    "training.log_every_steps=2",
-    "training.precision=fp32",
-    "checkpoint.every_steps=2",
-    "checkpoint.keep=2",
-    "eval.every_epochs=1",
-    "eval.bank_size=40",
-    "eval.batch_size=16",
-    "scaling.workers=2",
-    "scaling.cpus_per_worker=0.5",
-]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +45,8 @@ def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards,
     assert summary["queue_identical_across_workers"] is True
     for knn in (summary["knn_top1"], summary["knn_top1_random_init"]):  # accuracies over the 12 val images
         assert knn * 12 / 100 == pytest.approx(round(knn * 12 / 100), abs=1e-6)
-    assert summary["skipped_images"] == 0 and summary["stopped"] == ""
+    assert summary["skipped_images"] == 0 and "stopped" not in summary
+    assert (summary["epochs_completed"], summary["epochs_planned"]) == (2, 2.0)
     state = _checkpoint_model(summary)
     assert int(state["queue.pointer"]) == (summary["steps"] * 8) % 40
     query_keys = {key.removeprefix("query_encoder.") for key in state if key.startswith("query_encoder.")}
@@ -101,6 +79,20 @@ def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards,
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "backbone.pt", "curves.png", "metrics.jsonl", "checkpoint"} <= artifacts
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == summary["steps"]
+
+    # Resuming the finished run says so at once: no data is planned (this data does not exist).
+    complete = run_pretraining(_config(tmp_path), [str(tmp_path / "gone")], str(tmp_path / "run"), resume=True)
+    assert complete == {
+        "already_complete": True,
+        "steps": 8,
+        "total_steps": 8,
+        "output": str(tmp_path / "run"),
+        "checkpoint": summary["checkpoint"],
+    }
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    restore = newest_intact_checkpoint(list_checkpoints(str(tmp_path / "run")))
+    extended, _ = load_run_for_resume(str(tmp_path / "run"), ["training.epochs=3"])
+    assert _finished_as_configured(restore, _config(tmp_path)) and not _finished_as_configured(restore, extended)
 
 
 def _trained_images(run_dir: Path) -> list[tuple[int, int]]:
@@ -135,18 +127,24 @@ def test_injected_worker_failure_recovers_from_the_last_checkpoint(ray_cluster, 
 
 
 def test_resume_continues_a_stopped_run(ray_cluster, tiny_shards, tmp_path):
+    import mlflow
+
     train, _ = tiny_shards
     run_dir = str(tmp_path / "run")
-    config = _config(tmp_path, "debug.fail_at_step=5", "debug.record_batches=true", "tracking.enabled=false")
+    config = _config(tmp_path, "debug.fail_at_step=5", "debug.record_batches=true")
     # Checkpoints every 2 steps (and at the end of epoch 0, step 4): the newest is step 4.
     with pytest.raises(RunFailed, match=r"injected failure at step 5.*resume from step 4 with --resume"):
         run_pretraining(config, [train], run_dir)
     assert read_pointer(run_dir)["step"] == 4
+    client = mlflow.MlflowClient(tracking_uri=config.tracking.uri)
+    run_id = read_pointer(run_dir)["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
     with pytest.raises(ConfigError, match="already holds a run"):
         run_pretraining(config, [train], run_dir)
     resumed_config, inputs = load_run_for_resume(run_dir, ["debug.fail_at_step=0"])
     summary = run_pretraining(resumed_config, inputs["data"], run_dir, resume=True)
     assert summary["steps"] == 8 and int(_checkpoint_model(summary)["queue.pointer"]) == (8 * 8) % 40
+    assert summary["mlflow_run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines if "loss" in row] == [2, 4, 6, 8]
     trained = _trained_images(tmp_path / "run")
@@ -204,3 +202,62 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cl
     assert pointer["step"] == 2
     saved = torch.load(Path(pointer["path"]) / "model.pt", weights_only=True)["model"]
     assert all(torch.isfinite(value).all() for value in saved.values() if value.is_floating_point())
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+def test_resume_passes_over_a_damaged_checkpoint_and_a_garbage_pointer(ray_cluster, tiny_shards, tmp_path, capfd):
+    train, _ = tiny_shards
+    run_dir = tmp_path / "run"
+    config = _config(tmp_path, "debug.fail_at_step=5", "debug.record_batches=true", "tracking.enabled=false")
+    with pytest.raises(RunFailed):
+        run_pretraining(config, [train], str(run_dir))
+    _truncate(run_dir / "train" / "checkpoint_step000000004" / "model.pt")  # the newest
+    (run_dir / POINTER_NAME).write_text("")
+    capfd.readouterr()
+    resumed_config, inputs = load_run_for_resume(str(run_dir), ["debug.fail_at_step=0"])
+    summary = run_pretraining(resumed_config, inputs["data"], str(run_dir), resume=True)
+    err = capfd.readouterr().err
+    assert f"warning: {run_dir / POINTER_NAME} is not valid JSON" in err
+    damaged = run_dir / "train" / "checkpoint_step000000004" / "model.pt"
+    assert f"warning: {damaged} has " in err and "resuming from step 2" in err
+    assert err.count(str(damaged)) == 1 and "resuming at step 2 (epoch 0)" in err  # the workers warn no more
+    assert summary["steps"] == 8 and read_pointer(str(run_dir))["step"] == 8
+    trained = _trained_images(run_dir)  # steps 3 and 4 trained again, on the same images
+    assert sorted(trained) == [(epoch, index) for epoch in (0, 1) for index in range(32)]
+
+    for path in run_dir.glob("train/checkpoint_step*/model.pt"):
+        _truncate(path)
+    with pytest.raises(ConfigError, match=r"cannot resume .*: no intact checkpoint: .*step000000008/model.pt has"):
+        run_pretraining(resumed_config, inputs["data"], str(run_dir), resume=True)
+
+
+def test_a_restart_after_a_failure_passes_over_a_damaged_checkpoint(ray_cluster, tiny_shards, tmp_path, capfd):
+    train, _ = tiny_shards
+    config = _config(
+        tmp_path,
+        "debug.fail_at_step=5",
+        "debug.damage_checkpoint_at_step=4",
+        "debug.record_batches=true",
+        "scaling.max_failures=1",
+        "tracking.enabled=false",
+    )
+    summary = run_pretraining(config, [train], str(tmp_path / "run"))
+    err = capfd.readouterr().err
+    damaged = tmp_path / "run" / "train" / "checkpoint_step000000004" / "model.pt"
+    assert f"warning: {damaged} has " in err and "restoring an older checkpoint" in err
+    assert "resuming at step 2 (epoch 0)" in err
+    assert summary["steps"] == summary["total_steps"] == 8 and summary["images_seen"] == 8 * 8
+    trained = _trained_images(tmp_path / "run")
+    assert sorted(trained) == [(epoch, index) for epoch in (0, 1) for index in range(32)]
+
+
+def test_a_refused_run_creates_nothing(ray_cluster, tiny_shards, tmp_path):
+    train, _ = tiny_shards
+    # The test cluster has 2 CPUs: a trainer reserving both would starve the readers.
+    config = _config(tmp_path, "scaling.workers=1", "scaling.cpus_per_worker=2")
+    with pytest.raises(ConfigError, match="reserve 2 of the cluster's 2 CPUs"):
+        run_pretraining(config, [train], str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()
