@@ -32,25 +32,30 @@ def quiet_ray_data() -> None:
 
 
 def ensure_ray() -> bool:
-    """Join the running cluster (``RAY_ADDRESS``, ``ray job submit``), else start a local one.
+    """Join the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it), else start a local one
+    of this process's own (never a cluster some other ``ray start`` left on this machine).
 
     Returns:
-        True when this call started Ray (a local cluster, or the connection to ``RAY_ADDRESS``).
+        True when this call started a local cluster: its resources are all there will be.
     """
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        debug = debug_enabled()
-        # log_to_driver: whether Ray copies every worker's and actor's output to this terminal.
-        context = ray.init(log_to_driver=debug, configure_logging=True, logging_level="INFO" if debug else "ERROR")
-        if not debug:
-            _keep_raylet_messages_in_logs()
-            where = context.address_info.get("session_dir")
-            if where:
-                note(f"Ray's own log lines: {where}/logs (shown here with --debug)")
+    if ray.is_initialized():
+        quiet_ray_data()
+        return False
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    debug = debug_enabled()
+    # log_to_driver: whether Ray copies every worker's and actor's output to this terminal.
+    context = ray.init(
+        address=address, log_to_driver=debug, configure_logging=True, logging_level="INFO" if debug else "ERROR"
+    )
+    if not debug:
+        _keep_raylet_messages_in_logs()
+        where = context.address_info.get("session_dir")
+        if where:
+            note(f"Ray's own log lines: {where}/logs (shown here with --debug)")
     quiet_ray_data()
-    return started
+    return address == "local"
 
 
 def _keep_raylet_messages_in_logs() -> None:

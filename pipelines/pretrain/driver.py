@@ -180,8 +180,7 @@ def run_pretraining(
     restore = _resume_point(output) if resume else None
     if restore is not None and _finished_as_configured(restore, config):
         return _already_complete(output, restore, restore.state.total_steps)
-    started_ray = ensure_ray()
-    _check_cluster(config, fixed=started_ray and not os.environ.get("RAY_ADDRESS"))
+    _check_cluster(config, fixed=ensure_ray())
     train = _plan(data, config, "--data")
     val = _plan(val_data, config, "--val-data") if val_data else None
     knn_sets = _knn_collections(train, val)
