@@ -274,13 +274,14 @@ def _run_full(
     from pipelines.ingest.views import EvalViewFunction, RandomCropViewFunction
     from pipelines.pretrain.driver import _check_cluster, _reader_lanes
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
 
     train_collection = plan_labelled(train, config, "--train")
     val_collection = plan_labelled(val, config, "--val")
     class_names, mapping = label_mapping(train_collection, val_collection)
     num_classes = len(class_names) or _count_classes(train_collection, val_collection)
-    ensure_ray()
-    _check_cluster(config)  # type: ignore[arg-type]  # uses .scaling only
+    fixed = ensure_ray()
+    _check_cluster(config, fixed)  # type: ignore[arg-type]  # uses .scaling only
     lanes_per_worker, lane_cpus = _reader_lanes(config)  # type: ignore[arg-type]  # .scaling and .data.readers
     layout = plan_layout(
         train_collection,
@@ -319,6 +320,7 @@ def _run_full(
         run_dir=output,
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.uri,
+        console=RunConsole.remote(),  # the workers' notes, printed here (Ray's own output is not)
     )
     trainer = TorchTrainer(
         probe_loop_per_worker,
@@ -346,7 +348,7 @@ def _run_full(
         f"{config.scaling.workers} worker(s), {layout.total_lanes} reader lane(s)"
     )
     try:
-        result = trainer.fit()
+        result = run_watched(trainer.fit, ConsoleRelay(plan.console))
     except Exception as error:  # noqa: BLE001 -- one line, with where to resume
         from pipelines.pretrain.driver import _root_cause
 

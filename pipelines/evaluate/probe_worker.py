@@ -43,6 +43,7 @@ from pipelines.ingest.stream import StreamLayout, StreamProgress, build_view_dat
 from pipelines.pretrain.run_files import write_json
 from pipelines.pretrain.tracking import Tracker
 from pipelines.ray_runtime import quiet_ray_data
+from pipelines.run_console import forward_notes
 
 PROBE_SUMMARY = "probe_worker_summary.json"
 CHECKPOINT_FILE = "probe.pt"
@@ -67,6 +68,7 @@ class ProbePlan:
         mean, std: input normalisation.
         val_label_mapping: validation label -> training label (None: the same).
         run_dir, mlflow_run_id, tracking_uri: where results go.
+        console: the RunConsole actor the workers' notes go to (pipelines.run_console).
     """
 
     backbone: Any
@@ -85,11 +87,14 @@ class ProbePlan:
     run_dir: str
     mlflow_run_id: str | None
     tracking_uri: str
+    console: Any = None
 
 
 def probe_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: ``{"config": ProbeConfig as dict, "plan": ProbePlan}``."""
     quiet_ray_data()
+    if loop_config["plan"].console is not None:
+        forward_notes(loop_config["plan"].console)
     config = probe_config_from_mapping(loop_config["config"])
     torch.set_num_threads(config.training.torch_threads or max(1, math.ceil(config.scaling.cpus_per_worker)))
     FullProbeRunner(config, loop_config["plan"]).run()
