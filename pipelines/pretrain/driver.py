@@ -36,7 +36,6 @@ from pipelines.ingest.stream import build_view_dataset, plan_layout
 from pipelines.ingest.units import Collection, ColumnNames
 from pipelines.ingest.views import EvalViewFunction, TwoViewFunction
 from pipelines.pretrain.checkpoints import (
-    POINTER_NAME,
     TRAIN_DIR,
     DamagedCheckpoint,
     IntactCheckpoint,
@@ -174,7 +173,7 @@ def run_pretraining(
     output = output if "://" in output else str(Path(output).resolve())
     if not resume and holds_run(output):
         raise ConfigError(
-            f"{output} already holds a run ({POINTER_NAME}, {TRAIN_DIR}/); continue it with --resume {output} "
+            f"{output} already holds a run with checkpoints; continue it with --resume {output} "
             "or choose a new --output"
         )
     restore = _resume_point(output) if resume else None

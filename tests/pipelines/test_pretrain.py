@@ -208,29 +208,36 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
+#: Three epochs checkpointed at their ends only (steps 4, 8, 12), so a fallback lands on an epoch
+#: end: the checks below are on which checkpoint is restored, not on a mid-epoch stream restart.
+EPOCH_END_CHECKPOINTS = ("training.epochs=3", "checkpoint.every_steps=0", "debug.record_batches=true")
+
+
 def test_resume_passes_over_a_damaged_checkpoint_and_a_garbage_pointer(ray_cluster, tiny_shards, tmp_path, capfd):
     train, _ = tiny_shards
     run_dir = tmp_path / "run"
-    config = _config(tmp_path, "debug.fail_at_step=5", "debug.record_batches=true", "tracking.enabled=false")
+    config = _config(tmp_path, *EPOCH_END_CHECKPOINTS, "debug.fail_at_step=9", "tracking.enabled=false")
     with pytest.raises(RunFailed):
         run_pretraining(config, [train], str(run_dir))
-    _truncate(run_dir / "train" / "checkpoint_step000000004" / "model.pt")  # the newest
+    damaged = run_dir / "train" / "checkpoint_step000000008" / "model.pt"  # the newest
+    _truncate(damaged)
     (run_dir / POINTER_NAME).write_text("")
     capfd.readouterr()
     resumed_config, inputs = load_run_for_resume(str(run_dir), ["debug.fail_at_step=0"])
     summary = run_pretraining(resumed_config, inputs["data"], str(run_dir), resume=True)
     err = capfd.readouterr().err
     assert f"warning: {run_dir / POINTER_NAME} is not valid JSON" in err
-    damaged = run_dir / "train" / "checkpoint_step000000004" / "model.pt"
-    assert f"warning: {damaged} has " in err and "resuming from step 2" in err
-    assert err.count(str(damaged)) == 1 and "resuming at step 2 (epoch 0)" in err  # the workers warn no more
-    assert summary["steps"] == 8 and read_pointer(str(run_dir))["step"] == 8
-    trained = _trained_images(run_dir)  # steps 3 and 4 trained again, on the same images
-    assert sorted(trained) == [(epoch, index) for epoch in (0, 1) for index in range(32)]
+    assert f"warning: {damaged} has " in err and "resuming from step 4" in err
+    assert err.count(str(damaged)) == 1 and "resuming at step 4 (epoch 1)" in err  # the workers warn no more
+    assert summary["steps"] == 12 and read_pointer(str(run_dir))["step"] == 12
+    trained = _trained_images(run_dir)  # steps 5 to 8 trained again, on the same images
+    assert sorted(trained) == [(epoch, index) for epoch in (0, 1, 2) for index in range(32)]
+    # Step 8 trained again went to a directory of its own beside the damaged one.
+    assert "checkpoint_step000000008-1" in (run_dir / "train" / "checkpoint_manager_snapshot.json").read_text()
 
     for path in run_dir.glob("train/checkpoint_step*/model.pt"):
         _truncate(path)
-    with pytest.raises(ConfigError, match=r"cannot resume .*: no intact checkpoint: .*step000000008/model.pt has"):
+    with pytest.raises(ConfigError, match=r"cannot resume .*: no intact checkpoint: .*step000000012/model.pt has"):
         run_pretraining(resumed_config, inputs["data"], str(run_dir), resume=True)
 
 
@@ -238,20 +245,20 @@ def test_a_restart_after_a_failure_passes_over_a_damaged_checkpoint(ray_cluster,
     train, _ = tiny_shards
     config = _config(
         tmp_path,
-        "debug.fail_at_step=5",
-        "debug.damage_checkpoint_at_step=4",
-        "debug.record_batches=true",
+        *EPOCH_END_CHECKPOINTS,
+        "debug.fail_at_step=9",
+        "debug.damage_checkpoint_at_step=8",
         "scaling.max_failures=1",
         "tracking.enabled=false",
     )
     summary = run_pretraining(config, [train], str(tmp_path / "run"))
     err = capfd.readouterr().err
-    damaged = tmp_path / "run" / "train" / "checkpoint_step000000004" / "model.pt"
+    damaged = tmp_path / "run" / "train" / "checkpoint_step000000008" / "model.pt"
     assert f"warning: {damaged} has " in err and "restoring an older checkpoint" in err
-    assert "resuming at step 2 (epoch 0)" in err
-    assert summary["steps"] == summary["total_steps"] == 8 and summary["images_seen"] == 8 * 8
+    assert "resuming at step 4 (epoch 1)" in err
+    assert summary["steps"] == summary["total_steps"] == 12 and summary["images_seen"] == 12 * 8
     trained = _trained_images(tmp_path / "run")
-    assert sorted(trained) == [(epoch, index) for epoch in (0, 1) for index in range(32)]
+    assert sorted(trained) == [(epoch, index) for epoch in (0, 1, 2) for index in range(32)]
 
 
 def test_a_refused_run_creates_nothing(ray_cluster, tiny_shards, tmp_path):
