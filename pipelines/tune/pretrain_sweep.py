@@ -181,7 +181,7 @@ def pretrain_and_probe(plan: PretrainTrialPlan, point: Point) -> dict[str, Any]:
 
     Returns the trial's row (without its point): ``status``, ``top1``, ``final_loss``, ...
     """
-    from pipelines.pretrain.checkpoints import read_pointer
+    from pipelines.pretrain.checkpoints import holds_run, read_pointer
     from pipelines.pretrain.driver import SUMMARY, RunFailed, run_pretraining
     from pipelines.pretrain.run_files import read_json
 
@@ -194,7 +194,7 @@ def pretrain_and_probe(plan: PretrainTrialPlan, point: Point) -> dict[str, Any]:
         if previous is not None and not previous.get("stopped"):
             summary = previous  # pretrained before the sweep was interrupted: only the probe is left
         else:
-            resume = read_pointer(str(run_dir)) is not None
+            resume = holds_run(str(run_dir))  # its checkpoints (a damaged pointer file is passed over)
             summary = run_pretraining(config, list(plan.data), str(run_dir), list(plan.val_data) or None, resume)
     except RunFailed as error:
         summary = read_json(str(run_dir), SUMMARY) or {}

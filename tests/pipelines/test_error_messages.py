@@ -1,5 +1,6 @@
 """What the user reads: every option our messages suggest exists."""
 
+import argparse
 import ast
 import re
 from pathlib import Path
@@ -28,11 +29,15 @@ def _message_texts(path: Path) -> list[tuple[int, str]]:
 
 
 def _known_options() -> set[str]:
-    parser = cli.build_parser()
-    known = {option for action in parser._actions for option in action.option_strings}
-    (commands,) = [action for action in parser._actions if action.dest == "command"]
-    for subparser in commands.choices.values():
-        known.update(option for action in subparser._actions for option in action.option_strings)
+    """Every option of ``moco`` and of its commands, at any depth (``moco tune momentum --metric``)."""
+    known: set[str] = set()
+    pending = [cli.build_parser()]
+    while pending:
+        parser = pending.pop()
+        for action in parser._actions:
+            known.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
     return known
 
 
