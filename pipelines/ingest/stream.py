@@ -401,13 +401,18 @@ class ViewStream:
     stream_id: str
     layout: StreamLayout
 
-    def training_batches(
-        self, batch_size: int, progress: StreamProgress, prefetch_batches: int = 2
-    ) -> Generator[dict, None, None]:
+    def training_batches(self, batch_size: int, progress: StreamProgress) -> Generator[dict, None, None]:
         """Torch batches; each one, as it is handed out, counts as consumed: ``progress`` records
-        its positions and the lanes are told, so they may run ahead by their window."""
+        its positions and the lanes are told, so they may run ahead by their window.
+
+        Batches come in the order their rows left the lanes, which the positions rely on (the
+        largest one consumed per lane marks everything before it as trained on). Ray Data formats
+        ``prefetch_batches`` batches in as many threads and, unless the whole dataset preserves
+        order (which would hold every lane but the first back until that one ends), hands them
+        out as they finish: with two, a batch could overtake the one before it and a restart
+        would skip the overtaken rows. So one batch is prefetched and formatted at a time."""
         consumed = np.zeros(self.layout.total_lanes, dtype=np.int64)
-        iterator = iter(self.dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=prefetch_batches))
+        iterator = iter(self.dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=1))
         try:
             for batch in iterator:
                 lanes = batch["lane"].numpy()
