@@ -264,25 +264,23 @@ def _run_full(
 ) -> dict[str, Any]:
     """The protocol on Ray Train workers (pipelines.evaluate.probe_worker)."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from moco_core.image_io import ImageLimits
     from pipelines.evaluate.probe_worker import CHECKPOINT_FILE, PROBE_SUMMARY, ProbePlan, probe_loop_per_worker
     from pipelines.ingest.ingest_state import IngestState
     from pipelines.ingest.stream import build_view_dataset, plan_layout
     from pipelines.ingest.views import EvalViewFunction, RandomCropViewFunction
-    from pipelines.pretrain.driver import _check_cluster, _reader_lanes
     from pipelines.ray_runtime import ensure_ray
     from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
+    from pipelines.train_jobs import build_torch_trainer, check_cluster, reader_lanes, root_cause
 
     train_collection = plan_labelled(train, config, "--train")
     val_collection = plan_labelled(val, config, "--val")
     class_names, mapping = label_mapping(train_collection, val_collection)
     num_classes = len(class_names) or _count_classes(train_collection, val_collection)
     fixed = ensure_ray()
-    _check_cluster(config, fixed)  # type: ignore[arg-type]  # uses .scaling only
-    lanes_per_worker, lane_cpus = _reader_lanes(config)  # type: ignore[arg-type]  # .scaling and .data.readers
+    check_cluster(config.scaling, fixed)
+    lanes_per_worker, lane_cpus = reader_lanes(config.scaling, config.data.readers)
     layout = plan_layout(
         train_collection,
         workers=config.scaling.workers,
@@ -322,26 +320,13 @@ def _run_full(
         tracking_uri=tracker.uri,
         console=RunConsole.remote(),  # the workers' notes, printed here (Ray's own output is not)
     )
-    trainer = TorchTrainer(
+    trainer = build_torch_trainer(
         probe_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "plan": plan},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.workers,
-            use_gpu=config.scaling.gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": config.scaling.cpus_per_worker,
-                **({"GPU": config.scaling.gpus_per_worker} if config.scaling.gpus_per_worker else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name="train",
-            storage_path=output,
-            failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-        ),
-        datasets={"val": val_dataset},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        {"config": to_dict(config), "plan": plan},
+        config.scaling,
+        output,
+        config.checkpoint.keep,
+        {"val": val_dataset},
     )
     note(
         f"probe (full): {num_images} training images, {config.optim.epochs} epochs of {steps_per_epoch} steps on "
@@ -350,9 +335,7 @@ def _run_full(
     try:
         result = run_watched(trainer.fit, ConsoleRelay(plan.console))
     except Exception as error:  # noqa: BLE001 -- one line, with where to resume
-        from pipelines.pretrain.driver import _root_cause
-
-        raise ProbeFailed(f"the probe failed: {_root_cause(error)}; continue it with --resume {output}") from error
+        raise ProbeFailed(f"the probe failed: {root_cause(error)}; continue it with --resume {output}") from error
     outcome = read_json(output, PROBE_SUMMARY) or {}
     if outcome.get("stopped"):
         raise ProbeFailed(f"the probe stopped: {outcome['stopped']}")

@@ -9,7 +9,7 @@ a run (torchvision, official MoCo) gets the ImageNet protocol: 224 px, crop 0.87
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco_core.encoders import SUPPORTED_ARCHS
 from moco_core.linear_probe import LinearProbeSettings
 from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml
-from pipelines.pretrain.config import RECIPES_DIR, DataSection, ScalingSection, TrackingSection
+from pipelines.pretrain.config import RECIPES_DIR, DataSection, ScalingSection, TrackingSection, recipe_path
 
 PROBE_RECIPES_DIR = RECIPES_DIR / "probe"
 DEFAULT_PROBE_RECIPE = "lincls"
@@ -118,17 +118,8 @@ class ProbeConfig:
 
     @property
     def linear(self) -> LinearProbeSettings:
-        optim = self.optim
-        return LinearProbeSettings(
-            lr=optim.lr,
-            weight_decay=optim.weight_decay,
-            sgd_momentum=optim.sgd_momentum,
-            epochs=optim.epochs,
-            milestones=tuple(optim.milestones),
-            gamma=optim.gamma,
-            batch_size=optim.batch_size,
-            seed=self.training.seed,
-        )
+        """The classifier's hyperparameters: ``optim.*`` and the seed."""
+        return LinearProbeSettings(**asdict(self.optim), seed=self.training.seed)
 
     @property
     def per_worker_batch_size(self) -> int:
@@ -185,16 +176,7 @@ class ProbeConfig:
 
 def probe_recipe_path(name_or_path: str) -> Path:
     """A probe recipe by name (``recipes/probe/<name>.yaml``) or a path to a YAML file."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise ConfigError(f"recipe file {name_or_path} does not exist")
-        return candidate
-    path = PROBE_RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROBE_RECIPES_DIR.glob("*.yaml")))
-        raise ConfigError(f"unknown probe recipe {name_or_path!r}; built-in probe recipes: {known}; or a YAML path")
-    return path
+    return recipe_path(name_or_path, PROBE_RECIPES_DIR, "probe recipe")
 
 
 def probe_config_from_mapping(data: dict[str, Any]) -> ProbeConfig:

@@ -39,7 +39,7 @@ from moco_core.linear_probe import (
 from moco_core.photometric import normalize_batch
 from pipelines.console import note
 from pipelines.evaluate.probe_config import ProbeConfig, probe_config_from_mapping
-from pipelines.ingest.stream import StreamLayout, StreamProgress, build_view_dataset, lane_window
+from pipelines.ingest.stream import StreamLayout, StreamProgress, worker_training_batches
 from pipelines.pretrain.run_files import write_json
 from pipelines.pretrain.tracking import Tracker
 from pipelines.ray_runtime import quiet_ray_data
@@ -206,18 +206,17 @@ class FullProbeRunner:
             return self.backbone(inputs).float()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        layout, batch_size = self.plan.layout, self.config.per_worker_batch_size
-        stream = build_view_dataset(
-            self.plan.collection,
-            self.plan.train_view,
-            layout,
+        plan = self.plan
+        return worker_training_batches(
+            plan.collection,
+            plan.train_view,
+            plan.layout,
+            self.progress,
             worker=self.rank,
-            positions=self.progress.positions,
-            ingest_state=self.plan.ingest_state,
-            lane_cpus=self.plan.lane_cpus,
-            window_rows=lane_window(layout, batch_size),
+            batch_size=self.config.per_worker_batch_size,
+            ingest_state=plan.ingest_state,
+            lane_cpus=plan.lane_cpus,
         )
-        return stream.training_batches(batch_size, self.progress)
 
     def _validate(self) -> tuple[float, float, float]:
         """(top-1, top-5, loss) on the validation set; rank 0 computes, every rank gets it."""

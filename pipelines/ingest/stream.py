@@ -510,3 +510,29 @@ def build_view_dataset(
         context.target_max_block_size = saved_block_size
         context.op_resource_reservation_enabled = saved_reservation
     return ViewStream(dataset, ingest_state, stream_id, layout)
+
+
+def worker_training_batches(
+    collection: Collection | ray.ObjectRef,
+    view_function: ViewFunction,
+    layout: StreamLayout,
+    progress: StreamProgress,
+    *,
+    worker: int,
+    batch_size: int,
+    ingest_state: ray.actor.ActorHandle,
+    lane_cpus: float,
+) -> Generator[dict, None, None]:
+    """A training worker's batches: its lanes from ``progress``'s positions on, each lane allowed
+    :func:`lane_window` rows ahead of what the worker has taken (pretraining, the full probe)."""
+    stream = build_view_dataset(
+        collection,
+        view_function,
+        layout,
+        worker=worker,
+        positions=progress.positions,
+        ingest_state=ingest_state,
+        lane_cpus=lane_cpus,
+        window_rows=lane_window(layout, batch_size),
+    )
+    return stream.training_batches(batch_size, progress)

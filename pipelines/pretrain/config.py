@@ -274,17 +274,18 @@ class PretrainConfig:
             raise ConfigError(str(error)) from None
 
 
-def recipe_path(name_or_path: str) -> Path:
-    """A recipe by name (``recipes/<name>.yaml``, found in :data:`RECIPES_DIR`) or a path to a YAML file."""
+def recipe_path(name_or_path: str, directory: Path = RECIPES_DIR, kind: str = "recipe") -> Path:
+    """A ``kind`` by name (``<directory>/<name>.yaml``; pretraining recipes in :data:`RECIPES_DIR`
+    by default) or a path to a YAML file."""
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         if not candidate.is_file():
             raise ConfigError(f"recipe file {name_or_path} does not exist")
         return candidate
-    path = RECIPES_DIR / f"{name_or_path}.yaml"
+    path = directory / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise ConfigError(f"unknown recipe {name_or_path!r}; built-in recipes: {known}; or give a YAML path")
+        known = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+        raise ConfigError(f"unknown {kind} {name_or_path!r}; built-in {kind}s: {known}; or give a YAML path")
     return path
 
 

@@ -51,6 +51,7 @@ from pipelines.pretrain.run_files import read_json, read_text, write_json, write
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
 from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, stop_ray
 from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
+from pipelines.train_jobs import build_torch_trainer, check_cluster, reader_lanes, root_cause
 
 RUN_INPUTS = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -91,39 +92,6 @@ def _knn_collections(train: Collection, val: Collection | None) -> tuple[Collect
             "for kNN, so give it at least two row groups / files"
         )
     return val.select(slice(0, None, 2)), val.select(slice(1, None, 2))
-
-
-def _check_cluster(config: PretrainConfig, fixed: bool) -> None:
-    """The trainer must leave CPUs to the data readers, and on a cluster that cannot grow (``fixed``:
-    the local one this process started) find the GPUs it asks for (checked before anything is
-    created: Ray Train would otherwise wait for them)."""
-    import ray
-
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    trainer_gpus = config.scaling.workers * config.scaling.gpus_per_worker
-    if fixed and trainer_gpus > cluster_gpus:
-        raise ConfigError(
-            f"the trainer asks for {trainer_gpus:g} GPUs and this machine has {cluster_gpus:g}; "
-            "lower --gpus-per-worker or --workers, or join a cluster that has them (RAY_ADDRESS)"
-        )
-    cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    trainer_cpus = config.scaling.workers * config.scaling.cpus_per_worker
-    if trainer_cpus >= cluster_cpus:
-        raise ConfigError(
-            f"the trainer would reserve {trainer_cpus:g} of the cluster's {cluster_cpus:g} CPUs and starve the "
-            "data readers; lower --cpus-per-worker or --workers"
-        )
-
-
-def _reader_lanes(config: PretrainConfig) -> tuple[int, float]:
-    """(lanes per worker, CPUs per lane). Lanes in all: ``data.readers``, else the CPUs the trainer
-    leaves free, at least one per worker; they share those CPUs, since every lane runs all along."""
-    import ray
-
-    free = ray.cluster_resources().get("CPU", 1) - config.scaling.workers * config.scaling.cpus_per_worker
-    lanes = config.data.readers or max(config.scaling.workers, int(free))
-    per_worker = max(1, lanes // config.scaling.workers)
-    return per_worker, min(1.0, free / (per_worker * config.scaling.workers))
 
 
 def _eval_datasets(
@@ -179,14 +147,14 @@ def run_pretraining(
     restore = _resume_point(output) if resume else None
     if restore is not None and _finished_as_configured(restore, config):
         return _already_complete(output, restore, restore.state.total_steps)
-    _check_cluster(config, fixed=ensure_ray())
+    check_cluster(config.scaling, fixed=ensure_ray())
     train = _plan(data, config, "--data")
     val = _plan(val_data, config, "--val-data") if val_data else None
     knn_sets = _knn_collections(train, val)
     steps_per_epoch, total_steps = plan_steps(config, train.num_images or 0)
     if restore is not None and restore.state.step >= total_steps:
         return _already_complete(output, restore, total_steps)
-    lanes_per_worker, lane_cpus = _reader_lanes(config)
+    lanes_per_worker, lane_cpus = reader_lanes(config.scaling, config.data.readers)
     layout = plan_layout(
         train,
         workers=config.scaling.workers,
@@ -223,8 +191,6 @@ def run_pretraining(
                 }
             )
         import ray
-        import ray.train
-        from ray.train.torch import TorchTrainer
 
         from pipelines.ingest.ingest_state import IngestState
         from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
@@ -251,28 +217,13 @@ def run_pretraining(
             resume_from=restore.path if restore is not None else None,
             damaged_checkpoints=restore.damaged_paths if restore is not None else (),
         )
-        trainer = TorchTrainer(
+        trainer = build_torch_trainer(
             train_loop_per_worker,
-            train_loop_config={"config": config_dict, "plan": plan},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=config.scaling.workers,
-                use_gpu=config.scaling.gpus_per_worker > 0,
-                resources_per_worker={
-                    "CPU": config.scaling.cpus_per_worker,
-                    **({"GPU": config.scaling.gpus_per_worker} if config.scaling.gpus_per_worker else {}),
-                },
-            ),
-            run_config=ray.train.RunConfig(
-                name=TRAIN_DIR,
-                storage_path=output,
-                failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep),
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            ),
-            # The training stream is built by each worker for its own lanes (pipelines.ingest.stream);
-            # only the kNN datasets go through Ray Train, unsplit.
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+            {"config": config_dict, "plan": plan},
+            config.scaling,
+            output,
+            config.checkpoint.keep,
+            datasets,
         )
         note(
             f"pretraining: {train.num_images} images, {total_steps} steps of {config.optim.batch_size} "
@@ -284,7 +235,7 @@ def run_pretraining(
         except Exception as error:  # noqa: BLE001 -- reported as one line with the checkpoint to resume from
             newest = newest_recorded_checkpoint(output)
             where = f"; resume from step {newest[1]} with --resume {output}" if newest else ""
-            raise RunFailed(f"training failed: {_root_cause(error)}{where}") from error
+            raise RunFailed(f"training failed: {root_cause(error)}{where}") from error
     except KeyboardInterrupt:
         _stop_interrupted(output, tracker, relay)
     except BaseException:
@@ -412,15 +363,6 @@ def _exit_at_once(signum: int, frame: Any) -> None:
     os.write(2, b"moco: interrupted twice; stopped at once\n")
     kill_local_ray_now()
     os._exit(130)
-
-
-def _root_cause(error: BaseException) -> str:
-    """The innermost error's message (Ray wraps worker errors several levels deep)."""
-    seen = error
-    while seen.__cause__ is not None:
-        seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    return text[-1] if text else type(seen).__name__
 
 
 def _export_backbone(checkpoint_dir: Path, output: Path) -> Path:

@@ -42,9 +42,8 @@ from pipelines.filesystems import join, resolve_filesystem
 from pipelines.ingest.stream import (
     StreamLayout,
     StreamProgress,
-    build_view_dataset,
-    lane_window,
     restart_positions,
+    worker_training_batches,
 )
 from pipelines.pretrain.checkpoints import (
     TRAIN_DIR,
@@ -360,18 +359,17 @@ class PretrainRunner:
 
     def _batches(self) -> Generator[dict[str, torch.Tensor], None, None]:
         """This worker's lanes of the training stream, from the restored positions on."""
-        layout, batch_size = self.plan.layout, self.config.per_worker_batch_size
-        stream = build_view_dataset(
-            self.plan.collection,
-            self.plan.train_view,
-            layout,
+        plan = self.plan
+        return worker_training_batches(
+            plan.collection,
+            plan.train_view,
+            plan.layout,
+            self.progress,
             worker=self.rank,
-            positions=self.progress.positions,
-            ingest_state=self.plan.ingest_state,
-            lane_cpus=self.plan.lane_cpus,
-            window_rows=lane_window(layout, batch_size),
+            batch_size=self.config.per_worker_batch_size,
+            ingest_state=plan.ingest_state,
+            lane_cpus=plan.lane_cpus,
         )
-        return stream.training_batches(batch_size, self.progress)
 
     def run(self) -> None:
         if not self.restored and self.plan.has_knn:
