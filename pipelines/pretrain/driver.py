@@ -30,6 +30,7 @@ from pipelines.cli_common import Interrupted, UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
 from pipelines.filesystems import join
+from pipelines.ingest.placement import ReaderLanes, reader_lanes
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.sources import check_decodable
 from pipelines.ingest.stream import build_view_dataset, plan_layout
@@ -96,7 +97,8 @@ def _knn_collections(train: Collection, val: Collection | None) -> tuple[Collect
 def _check_cluster(config: PretrainConfig, fixed: bool) -> None:
     """The trainer must leave CPUs to the data readers, and on a cluster that cannot grow (``fixed``:
     the local one this process started) find the GPUs it asks for (checked before anything is
-    created: Ray Train would otherwise wait for them)."""
+    created: Ray Train would otherwise wait for them). Readers on nodes of their own
+    (``data.reader_resources``) are checked by :func:`_reader_lanes`."""
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -106,6 +108,8 @@ def _check_cluster(config: PretrainConfig, fixed: bool) -> None:
             f"the trainer asks for {trainer_gpus:g} GPUs and this machine has {cluster_gpus:g}; "
             "lower --gpus-per-worker or --workers, or join a cluster that has them (RAY_ADDRESS)"
         )
+    if config.data.reader_resources:
+        return
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     trainer_cpus = config.scaling.workers * config.scaling.cpus_per_worker
     if trainer_cpus >= cluster_cpus:
@@ -115,15 +119,20 @@ def _check_cluster(config: PretrainConfig, fixed: bool) -> None:
         )
 
 
-def _reader_lanes(config: PretrainConfig) -> tuple[int, float]:
-    """(lanes per worker, CPUs per lane). Lanes in all: ``data.readers``, else the CPUs the trainer
-    leaves free, at least one per worker; they share those CPUs, since every lane runs all along."""
+def _reader_lanes(config: PretrainConfig) -> ReaderLanes:
+    """Lanes per worker, CPUs per lane and where lanes run (:mod:`pipelines.ingest.placement`)."""
     import ray
 
-    free = ray.cluster_resources().get("CPU", 1) - config.scaling.workers * config.scaling.cpus_per_worker
-    lanes = config.data.readers or max(config.scaling.workers, int(free))
-    per_worker = max(1, lanes // config.scaling.workers)
-    return per_worker, min(1.0, free / (per_worker * config.scaling.workers))
+    scaling = config.scaling
+    return reader_lanes(
+        readers=config.data.readers,
+        workers=scaling.workers,
+        trainer_cpus=scaling.workers * scaling.cpus_per_worker,
+        trainer_uses_gpus=scaling.gpus_per_worker > 0,
+        cluster_cpus=ray.cluster_resources().get("CPU", 1),
+        reader_resources=config.data.reader_resources,
+        nodes=ray.nodes() if config.data.reader_resources else (),
+    )
 
 
 def _eval_datasets(
@@ -186,11 +195,11 @@ def run_pretraining(
     steps_per_epoch, total_steps = plan_steps(config, train.num_images or 0)
     if restore is not None and restore.state.step >= total_steps:
         return _already_complete(output, restore, total_steps)
-    lanes_per_worker, lane_cpus = _reader_lanes(config)
+    lanes = _reader_lanes(config)
     layout = plan_layout(
         train,
         workers=config.scaling.workers,
-        lanes_per_worker=lanes_per_worker,
+        lanes_per_worker=lanes.per_worker,
         pool=config.data.shuffle_pool,
         seed=config.training.seed,
         shuffle=config.data.shuffle,
@@ -226,7 +235,7 @@ def run_pretraining(
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from pipelines.ingest.ingest_state import IngestState
+        from pipelines.ingest.ingest_state import ingest_state_on_this_node
         from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
 
         relay = ConsoleRelay(RunConsole.remote(), step=restore.state.step if restore is not None else 0)
@@ -240,9 +249,10 @@ def run_pretraining(
             run_dir=output,
             collection=ray.put(train),
             layout=layout,
-            lane_cpus=lane_cpus,
+            lane_cpus=lanes.cpus,
+            lane_resources=lanes.resources,
             train_view=TwoViewFunction(augment, limits),
-            ingest_state=IngestState.remote(),
+            ingest_state=ingest_state_on_this_node(),
             mlflow_run_id=tracker.run_id,
             tracking_uri=tracking_uri,
             has_knn=knn_sets is not None,
@@ -261,6 +271,7 @@ def run_pretraining(
                     "CPU": config.scaling.cpus_per_worker,
                     **({"GPU": config.scaling.gpus_per_worker} if config.scaling.gpus_per_worker else {}),
                 },
+                placement_strategy=config.scaling.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=TRAIN_DIR,
@@ -307,6 +318,7 @@ def run_pretraining(
         "mlflow_run_id": tracker.run_id,
         "tracking_uri": tracking_uri,
         "mlflow_ui": ui_command(tracking_uri),
+        "reader_nodes": ray.get(plan.ingest_state.snapshot.remote())["reader_nodes"],
     }
     if result.checkpoint is not None and local_output is not None and not outcome.get("stopped"):
         summary["backbone"] = str(_export_backbone(Path(result.checkpoint.path), local_output))

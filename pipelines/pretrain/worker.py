@@ -369,6 +369,7 @@ class PretrainRunner:
             positions=self.progress.positions,
             ingest_state=self.plan.ingest_state,
             lane_cpus=self.plan.lane_cpus,
+            lane_resources=self.plan.lane_resources,
             window_rows=lane_window(layout, batch_size),
         )
         return stream.training_batches(batch_size, self.progress)
@@ -494,6 +495,7 @@ class PretrainRunner:
         elapsed = max(time.perf_counter() - started, 1e-9)
         outcome: dict[str, Any] = {
             "steps": self.state.step,
+            "started_at_step": first_step,  # 0, or the checkpoint's step after a restart or --resume
             "images_seen": self.state.images_seen,
             "images_per_s": (self.state.step - first_step) * self.config.optim.batch_size / elapsed,
             "final_loss": last.get("loss"),
