@@ -29,7 +29,7 @@ from moco_core.image_io import ImageLimits
 from pipelines.cli_common import Interrupted, UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
-from pipelines.filesystems import join
+from pipelines.filesystems import STORAGE_ENV, join
 from pipelines.ingest.placement import ReaderLanes, reader_lanes
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.sources import check_decodable
@@ -48,7 +48,7 @@ from pipelines.pretrain.checkpoints import (
 )
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
 from pipelines.pretrain.plan import PretrainPlan
-from pipelines.pretrain.run_files import read_json, read_text, write_json, write_text
+from pipelines.pretrain.run_files import read_json, read_text, write_bytes, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
 from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, stop_ray
 from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
@@ -56,6 +56,7 @@ from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
 RUN_INPUTS = "run.json"
 CONFIG_FILE = "config.yaml"
 SUMMARY = "summary.json"
+BACKBONE = "backbone.pt"
 
 
 class RunFailed(UserError):
@@ -320,8 +321,8 @@ def run_pretraining(
         "mlflow_ui": ui_command(tracking_uri),
         "reader_nodes": ray.get(plan.ingest_state.snapshot.remote())["reader_nodes"],
     }
-    if result.checkpoint is not None and local_output is not None and not outcome.get("stopped"):
-        summary["backbone"] = str(_export_backbone(Path(result.checkpoint.path), local_output))
+    if result.checkpoint is not None and not outcome.get("stopped"):
+        summary["backbone"] = _export_backbone(result.checkpoint, output)
     if local_output is not None:
         curves = _plot_curves(local_output)
         for artifact in (
@@ -435,14 +436,20 @@ def _root_cause(error: BaseException) -> str:
     return text[-1] if text else type(seen).__name__
 
 
-def _export_backbone(checkpoint_dir: Path, output: Path) -> Path:
+def _export_backbone(checkpoint: Any, output: str) -> str:
+    """``OUTPUT/backbone.pt`` from the final Ray Train checkpoint (local or in object storage)."""
+    import io
+
     import torch
 
     from pipelines.pretrain.checkpoints import load_backbone_state
 
-    path = output / "backbone.pt"
-    torch.save(load_backbone_state(checkpoint_dir), path)
-    return path
+    with checkpoint.as_directory() as directory:
+        state = load_backbone_state(Path(directory))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(output, BACKBONE, buffer.getvalue())
+    return join(output, BACKBONE)
 
 
 def _plot_curves(output: Path) -> Path | None:
@@ -492,5 +499,6 @@ def load_run_for_resume(output: str, overrides: list[str]) -> tuple[PretrainConf
 
 
 def default_output_dir(recipe: str) -> str:
+    """``$MOCO_STORAGE/<recipe>-<time>`` (e.g. a bucket every node reads), else ``outputs/<recipe>-<time>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return os.path.join("outputs", f"{Path(recipe).stem}-{stamp}")
+    return join(os.environ.get(STORAGE_ENV) or "outputs", f"{Path(recipe).stem}-{stamp}")
