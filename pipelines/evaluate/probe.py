@@ -281,12 +281,12 @@ def _run_full(
     class_names, mapping = label_mapping(train_collection, val_collection)
     num_classes = len(class_names) or _count_classes(train_collection, val_collection)
     fixed = ensure_ray()
-    _check_cluster(config, fixed)  # type: ignore[arg-type]  # uses .scaling only
-    lanes_per_worker, lane_cpus = _reader_lanes(config)  # type: ignore[arg-type]  # .scaling and .data.readers
+    _check_cluster(config, fixed)  # type: ignore[arg-type]  # uses .scaling and .data
+    lanes = _reader_lanes(config)  # type: ignore[arg-type]  # .scaling and .data
     layout = plan_layout(
         train_collection,
         workers=config.scaling.workers,
-        lanes_per_worker=lanes_per_worker,
+        lanes_per_worker=lanes.per_worker,
         pool=config.data.shuffle_pool,
         seed=config.training.seed,
         shuffle=config.data.shuffle,
@@ -311,7 +311,8 @@ def _run_full(
         steps_per_epoch=steps_per_epoch,
         collection=ray.put(train_collection),
         layout=layout,
-        lane_cpus=lane_cpus,
+        lane_cpus=lanes.cpus,
+        lane_resources=lanes.resources,
         train_view=RandomCropViewFunction(view.size, view.train_scale, limits),
         ingest_state=IngestState.remote(),
         mean=view.mean,
@@ -332,6 +333,7 @@ def _run_full(
                 "CPU": config.scaling.cpus_per_worker,
                 **({"GPU": config.scaling.gpus_per_worker} if config.scaling.gpus_per_worker else {}),
             },
+            placement_strategy=config.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name="train",

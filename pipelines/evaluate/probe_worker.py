@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class ProbePlan:
         collection: object ref of the planned training collection.
         layout: the training stream's layout.
         lane_cpus: CPUs per reader lane.
+        lane_resources: custom resources each lane requests (``data.reader_resources``).
         train_view: the RandomResizedCrop + flip view function.
         ingest_state: the IngestState actor.
         mean, std: input normalisation.
@@ -88,6 +89,7 @@ class ProbePlan:
     mlflow_run_id: str | None
     tracking_uri: str
     console: Any = None
+    lane_resources: dict[str, float] = field(default_factory=dict)
 
 
 def probe_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -215,6 +217,7 @@ class FullProbeRunner:
             positions=self.progress.positions,
             ingest_state=self.plan.ingest_state,
             lane_cpus=self.plan.lane_cpus,
+            lane_resources=self.plan.lane_resources,
             window_rows=lane_window(layout, batch_size),
         )
         return stream.training_batches(batch_size, self.progress)
