@@ -1,5 +1,6 @@
 """Run directories in object storage, for real: a local S3-compatible server (moto, on loopback)
-holds the shards and the run directory; pretraining fails, resumes and finishes in the bucket."""
+holds the shards and the run directory; pretraining fails, resumes and finishes in the bucket, and
+the cached linear probe of its backbone keeps its features and results there too."""
 
 import io
 import json
@@ -64,7 +65,7 @@ def _bucket_with_shards(tmp_path: Path, endpoint: str) -> pafs.S3FileSystem:
     return filesystem
 
 
-def test_pretrain_fails_and_resumes_with_data_and_run_directory_in_a_bucket(
+def test_pretrain_fail_resume_and_probe_with_data_and_run_directories_in_a_bucket(
     s3_settings, without_shared_ray, tmp_path, capsys
 ):
     import ray
@@ -99,3 +100,16 @@ def test_pretrain_fails_and_resumes_with_data_and_run_directory_in_a_bucket(
     kept = filesystem.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/tiny/train"))
     checkpoints = sorted(info.base_name for info in kept if info.base_name.startswith("checkpoint_step"))
     assert checkpoints == ["checkpoint_step000000006", "checkpoint_step000000008"]  # checkpoint.keep=2
+
+    # The linear probe of the run's backbone (read from the bucket), its features cached there.
+    probe = f"s3://{BUCKET}/probes/tiny"
+    probe_settings = ["view.size=16", "optim.batch_size=8", "optim.epochs=2", "optim.milestones=[1]"]
+    probe_settings += ["training.precision=fp32", "cached.batch_size=16", "tracking.enabled=false"]
+    argv = ["probe", "--backbone", run, "--train", f"s3://{BUCKET}/shards", "--val", f"s3://{BUCKET}/shards"]
+    assert main([*argv, "--output", probe, "--json", *[f"--set={setting}" for setting in probe_settings]]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mode"] == "cached" and result["train_images"] == result["val_images"] == 32
+    assert result["linear"] == f"{probe}/linear.pt" and result["features"].startswith(f"{probe}/features/")
+    assert json.loads(read(f"{BUCKET}/probes/tiny/summary.json"))["top1"] == result["top1"]
+    cached = result["features"].removeprefix("s3://")
+    assert read(f"{cached}/meta.json") and read(f"{cached}/train_features.npy")
