@@ -73,7 +73,8 @@ def test_pretrain_fail_resume_and_probe_with_data_and_run_directories_in_a_bucke
     filesystem = _bucket_with_shards(tmp_path, s3_settings["AWS_ENDPOINT_URL"])
     ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     run = f"s3://{BUCKET}/runs/tiny"
-    settings = [*TINY, "debug.fail_at_step=5", "tracking.enabled=false"]
+    # One worker: this test is about where files go (test_pretrain.py covers two workers).
+    settings = [*TINY, "scaling.workers=1", "debug.fail_at_step=5", "tracking.enabled=false"]
     argv = ["pretrain", "--recipe", "demo", "--data", f"s3://{BUCKET}/shards", "--output", run]
     assert main([*argv, *[f"--set={setting}" for setting in settings]]) == 1
     error = capsys.readouterr().err
