@@ -273,7 +273,7 @@ def _run_full(
     from pipelines.ingest.stream import build_view_dataset, plan_layout
     from pipelines.ingest.views import EvalViewFunction, RandomCropViewFunction
     from pipelines.pretrain.driver import _check_cluster, _reader_lanes
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.ray_runtime import ensure_ray, on_this_node
     from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
 
     train_collection = plan_labelled(train, config, "--train")
@@ -314,14 +314,15 @@ def _run_full(
         lane_cpus=lanes.cpus,
         lane_resources=lanes.resources,
         train_view=RandomCropViewFunction(view.size, view.train_scale, limits),
-        ingest_state=IngestState.remote(),
+        ingest_state=IngestState.options(**on_this_node()).remote(),
         mean=view.mean,
         std=view.std,
         val_label_mapping=mapping,
         run_dir=output,
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.uri,
-        console=RunConsole.remote(),  # the workers' notes, printed here (Ray's own output is not)
+        # The workers' notes, printed here (Ray's own output is not).
+        console=RunConsole.options(**on_this_node()).remote(),
     )
     trainer = TorchTrainer(
         probe_loop_per_worker,

@@ -56,12 +56,3 @@ class IngestState:
             "first_error": self.first_error,
             "reader_nodes": sorted({node for nodes in self.lane_nodes.values() for node in nodes}),
         }
-
-
-def ingest_state_on_this_node() -> ray.actor.ActorHandle:
-    """An :class:`IngestState` on the calling process's node (the run's driver): it then lives as
-    long as the driver, whichever worker or reader nodes are lost."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return IngestState.options(scheduling_strategy=here).remote()

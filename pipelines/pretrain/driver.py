@@ -50,7 +50,7 @@ from pipelines.pretrain.config import PretrainConfig, config_from_mapping, confi
 from pipelines.pretrain.plan import PretrainPlan
 from pipelines.pretrain.run_files import read_json, read_text, write_bytes, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
-from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, stop_ray
+from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, on_this_node, stop_ray
 from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
 
 RUN_INPUTS = "run.json"
@@ -236,10 +236,12 @@ def run_pretraining(
         import ray.train
         from ray.train.torch import TorchTrainer
 
-        from pipelines.ingest.ingest_state import ingest_state_on_this_node
+        from pipelines.ingest.ingest_state import IngestState
         from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
 
-        relay = ConsoleRelay(RunConsole.remote(), step=restore.state.step if restore is not None else 0)
+        # The run's shared state lives beside the driver, so it outlives lost worker and reader nodes.
+        console = RunConsole.options(**on_this_node()).remote()
+        relay = ConsoleRelay(console, step=restore.state.step if restore is not None else 0)
         limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
         augment = config.augment.resolve(on_gpu=config.scaling.gpus_per_worker > 0)
         datasets = _eval_datasets(knn_sets, config, limits, layout.total_lanes) if knn_sets is not None else {}
@@ -253,7 +255,7 @@ def run_pretraining(
             lane_cpus=lanes.cpus,
             lane_resources=lanes.resources,
             train_view=TwoViewFunction(augment, limits),
-            ingest_state=ingest_state_on_this_node(),
+            ingest_state=IngestState.options(**on_this_node()).remote(),
             mlflow_run_id=tracker.run_id,
             tracking_uri=tracking_uri,
             has_knn=knn_sets is not None,
