@@ -15,9 +15,8 @@ import torch
 from pipelines.cli import main
 from pipelines.ingest.shards import build_shards
 from pipelines.pretrain.checkpoints import read_pointer
-from tests.pipelines.fixtures import write_image_folder
+from tests.pipelines.fixtures import TINY_PRETRAIN, write_image_folder
 from tests.pipelines.ray_processes import free_ports, stop, wait_for_http
-from tests.pipelines.test_pretrain import TINY
 
 BUCKET = "moco-test"
 
@@ -74,7 +73,7 @@ def test_pretrain_fail_resume_and_probe_with_data_and_run_directories_in_a_bucke
     ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     run = f"s3://{BUCKET}/runs/tiny"
     # One worker: this test is about where files go (test_pretrain.py covers two workers).
-    settings = [*TINY, "scaling.workers=1", "debug.fail_at_step=5", "tracking.enabled=false"]
+    settings = [*TINY_PRETRAIN, "scaling.workers=1", "debug.fail_at_step=5", "tracking.enabled=false"]
     argv = ["pretrain", "--recipe", "demo", "--data", f"s3://{BUCKET}/shards", "--output", run]
     assert main([*argv, *[f"--set={setting}" for setting in settings]]) == 1
     error = capsys.readouterr().err

@@ -15,8 +15,8 @@ from pipelines.config import ConfigError
 from pipelines.ingest.placement import ReaderLanes, reader_lanes
 from pipelines.ingest.shards import build_shards
 from pipelines.pretrain.config import load_config
-from tests.pipelines.fixtures import write_image_folder
-from tests.pipelines.test_pretrain import TINY, _trained_images
+from tests.pipelines.fixtures import TINY_PRETRAIN, write_image_folder
+from tests.pipelines.test_pretrain import _trained_images
 
 
 def _node(cpus: float, gpus: float = 0, **custom: float) -> dict:
@@ -164,7 +164,7 @@ def test_two_nodes_readers_where_the_resource_is_and_recovery_from_a_lost_node(
     config = load_config(
         "demo",
         [
-            *TINY,
+            *TINY_PRETRAIN,
             "training.epochs=4",
             "data.reader_resources={ingest: 1}",
             "scaling.placement_strategy=SPREAD",

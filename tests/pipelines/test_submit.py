@@ -11,13 +11,12 @@ from pipelines.cli import main
 from pipelines.cli_common import UserError
 from pipelines.ingest.shards import build_shards
 from pipelines.submit import EXCLUDES, _command, project_runtime_env
-from tests.pipelines.fixtures import write_image_folder
+from tests.pipelines.fixtures import TINY_PRETRAIN, write_image_folder
 from tests.pipelines.ray_processes import ray_head
-from tests.pipelines.test_pretrain import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 # One worker, one epoch of 32 images in batches of 8: 4 steps.
-JOB_SETTINGS = [*TINY, "scaling.workers=1", "training.epochs=1"]
+JOB_SETTINGS = [*TINY_PRETRAIN, "scaling.workers=1", "training.epochs=1"]
 
 
 @pytest.mark.parametrize(
