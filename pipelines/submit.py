@@ -95,10 +95,20 @@ def _use_local_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def _client(address: str | None) -> Any:
+def _quiet_ray_logs() -> None:
+    """Ray's own lines about packaging, uploads and sockets stay off the terminal (``--debug``
+    shows them); its loggers that set a level of their own are set one by one."""
+    for name in [name for name in logging.root.manager.loggerDict if name == "ray" or name.startswith("ray.")]:
+        logger = logging.getLogger(name)
+        if name == "ray" or logger.level != logging.NOTSET:
+            logger.setLevel(logging.ERROR)
+
+
+def _client(address: str | None, debug: bool = False) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # its INFO lines about uploads and addresses
+    if not debug:
+        _quiet_ray_logs()
     _use_local_token()
     try:
         return JobSubmissionClient(address)
@@ -242,7 +252,7 @@ def _act(args: argparse.Namespace) -> dict[str, Any]:
     command = [word for word in args.command if word != "--"] if job_id else _command(args.command)
     if job_id and command:
         raise UserError("--status, --logs and --stop take a job id, not a command")
-    client = _client(args.address)
+    client = _client(args.address, args.debug)
     address = client.get_address()
     if args.status:
         return _status(client, args.status)

@@ -48,15 +48,16 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float
     raise RuntimeError(f"{url} did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen, timeout: float = 60) -> None:
-    """SIGTERM, then SIGKILL: only the process this test started (and what it cleans up itself)."""
+def stop(process: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: only the process this test started (a
+    ``ray start --block`` takes the processes it started with it either way: they die with it)."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=timeout)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(timeout=timeout)
+            process.wait(timeout=60)
 
 
 @contextmanager
