@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from moco_core import __version__
-from pipelines import demo
+from pipelines import demo, submit
 from pipelines.cli_common import UserError, common_options
 from pipelines.console import set_debug
 from pipelines.evaluate import export_command, probe_command
@@ -37,6 +37,7 @@ PRODUCT_COMMANDS: tuple[Registrar, ...] = (
     probe_command.register,
     export_command.register,
     tune_command.register,
+    submit.register,
 )
 
 

@@ -30,6 +30,8 @@ def _type_name(annotation: Any) -> str:
         return " or ".join(_type_name(arg) for arg in get_args(annotation))
     if origin in (tuple, list):
         return f"a list of {_type_name(get_args(annotation)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(get_args(annotation)[0])} to {_type_name(get_args(annotation)[1])}"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -59,6 +61,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(annotation)}")
         element = get_args(annotation)[0]
         return tuple(_coerce(item, element, f"{key}[{index}]") for index, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(annotation)}")
+        key_type, value_type = get_args(annotation)
+        return {
+            _coerce(name, key_type, key): _coerce(item, value_type, f"{key}.{name}") for name, item in value.items()
+        }
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}")

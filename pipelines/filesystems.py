@@ -2,6 +2,8 @@
 
 Every job reads its inputs and writes its run directory through :func:`resolve_filesystem`, so
 ``/data/x``, ``file:///data/x``, ``s3://bucket/x`` and ``gs://bucket/x`` work the same way.
+Credentials and endpoints come from the environment, as pyarrow reads them (``AWS_*`` variables
+or an instance role for S3, application default credentials for GCS).
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import posixpath
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+#: Environment variable naming where runs go when a command is not given an output directory
+#: (``moco submit --storage`` sets it for a job), e.g. ``s3://bucket/moco-runs``.
+STORAGE_ENV = "MOCO_STORAGE"
 
 
 class StorageError(ValueError):

@@ -15,6 +15,7 @@ import os
 import signal
 import warnings
 from pathlib import Path
+from typing import Any
 
 from pipelines.console import debug_enabled, note
 
@@ -29,6 +30,16 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Raised by Ray Train's own default ingest options; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*exclude_resources.*deprecated")
+
+
+def on_this_node() -> dict[str, Any]:
+    """Actor options that place an actor on the calling process's node (a job's driver): a job's
+    shared state (its ingest counts, its console) then lives as long as the driver does, whichever
+    worker or reader nodes are lost."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def ensure_ray() -> bool:

@@ -4,18 +4,21 @@ cause of a failure."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipelines.config import ConfigError
+from pipelines.ingest import placement
+from pipelines.ingest.placement import ReaderLanes
 from pipelines.pretrain.checkpoints import TRAIN_DIR
 from pipelines.pretrain.config import ScalingSection
 
 
-def check_cluster(scaling: ScalingSection, fixed: bool) -> None:
+def check_cluster(scaling: ScalingSection, reader_resources: Mapping[str, float], fixed: bool) -> None:
     """The trainer must leave CPUs to the data readers, and on a cluster that cannot grow (``fixed``:
     the local one this process started) find the GPUs it asks for (checked before anything is
-    created: Ray Train would otherwise wait for them)."""
+    created: Ray Train would otherwise wait for them). Readers on nodes of their own
+    (``data.reader_resources``) are checked by :func:`reader_lanes`."""
     import ray
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -25,6 +28,8 @@ def check_cluster(scaling: ScalingSection, fixed: bool) -> None:
             f"the trainer asks for {trainer_gpus:g} GPUs and this machine has {cluster_gpus:g}; "
             "lower --gpus-per-worker or --workers, or join a cluster that has them (RAY_ADDRESS)"
         )
+    if reader_resources:
+        return
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     trainer_cpus = scaling.workers * scaling.cpus_per_worker
     if trainer_cpus >= cluster_cpus:
@@ -34,16 +39,20 @@ def check_cluster(scaling: ScalingSection, fixed: bool) -> None:
         )
 
 
-def reader_lanes(scaling: ScalingSection, readers: int) -> tuple[int, float]:
-    """(lanes per worker, CPUs per lane). Lanes in all: ``readers`` (``data.readers``), else the CPUs
-    the trainer leaves free, at least one per worker; they share those CPUs, since every lane runs
-    all along."""
+def reader_lanes(scaling: ScalingSection, readers: int, reader_resources: Mapping[str, float]) -> ReaderLanes:
+    """Lanes per worker, CPUs per lane and where lanes run, on the cluster Ray is connected to
+    (:func:`pipelines.ingest.placement.reader_lanes`)."""
     import ray
 
-    free = ray.cluster_resources().get("CPU", 1) - scaling.workers * scaling.cpus_per_worker
-    lanes = readers or max(scaling.workers, int(free))
-    per_worker = max(1, lanes // scaling.workers)
-    return per_worker, min(1.0, free / (per_worker * scaling.workers))
+    return placement.reader_lanes(
+        readers=readers,
+        workers=scaling.workers,
+        trainer_cpus=scaling.workers * scaling.cpus_per_worker,
+        trainer_uses_gpus=scaling.gpus_per_worker > 0,
+        cluster_cpus=ray.cluster_resources().get("CPU", 1),
+        reader_resources=reader_resources,
+        nodes=ray.nodes() if reader_resources else (),
+    )
 
 
 def build_torch_trainer(
@@ -70,6 +79,7 @@ def build_torch_trainer(
                 "CPU": scaling.cpus_per_worker,
                 **({"GPU": scaling.gpus_per_worker} if scaling.gpus_per_worker else {}),
             },
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=TRAIN_DIR,

@@ -10,13 +10,9 @@ import pytest
 OBJECT_STORE_BYTES = 120 * 1024 * 1024
 
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray cluster with 2 CPUs and a small object store, started once per session."""
+def _start_shared_ray() -> None:
     import ray
-    import ray.data
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray.init(
         num_cpus=2,
         object_store_memory=OBJECT_STORE_BYTES,
@@ -24,7 +20,31 @@ def ray_cluster():
         log_to_driver=False,
         configure_logging=False,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 2 CPUs and a small object store, started once per session."""
+    import ray
+    import ray.data
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    _start_shared_ray()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def without_shared_ray():
+    """For a test that starts Ray its own way (several nodes, another environment): the shared
+    cluster is stopped for the test and started again after it if it was running."""
+    import ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_running:
+        _start_shared_ray()

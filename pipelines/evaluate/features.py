@@ -272,7 +272,14 @@ def _run_extraction(
     layout = plan_layout(
         collection, lanes_per_worker=min(lanes, len(collection.units)), seed=config.training.seed, shuffle=False
     )
-    stream = build_view_dataset(collection, view_function, layout, end_epoch=epochs, lane_cpus=lane_cpus)
+    stream = build_view_dataset(
+        collection,
+        view_function,
+        layout,
+        end_epoch=epochs,
+        lane_cpus=lane_cpus,
+        lane_resources=config.data.reader_resources,
+    )
     features = stream.dataset.map_batches(
         BackboneFeatures,
         fn_constructor_kwargs={

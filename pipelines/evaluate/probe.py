@@ -270,7 +270,7 @@ def _run_full(
     from pipelines.ingest.ingest_state import IngestState
     from pipelines.ingest.stream import build_view_dataset, plan_layout
     from pipelines.ingest.views import EvalViewFunction, RandomCropViewFunction
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.ray_runtime import ensure_ray, on_this_node
     from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
     from pipelines.train_jobs import build_torch_trainer, check_cluster, reader_lanes, root_cause
 
@@ -279,12 +279,12 @@ def _run_full(
     class_names, mapping = label_mapping(train_collection, val_collection)
     num_classes = len(class_names) or _count_classes(train_collection, val_collection)
     fixed = ensure_ray()
-    check_cluster(config.scaling, fixed)
-    lanes_per_worker, lane_cpus = reader_lanes(config.scaling, config.data.readers)
+    check_cluster(config.scaling, config.data.reader_resources, fixed)
+    lanes = reader_lanes(config.scaling, config.data.readers, config.data.reader_resources)
     layout = plan_layout(
         train_collection,
         workers=config.scaling.workers,
-        lanes_per_worker=lanes_per_worker,
+        lanes_per_worker=lanes.per_worker,
         pool=config.data.shuffle_pool,
         seed=config.training.seed,
         shuffle=config.data.shuffle,
@@ -309,16 +309,18 @@ def _run_full(
         steps_per_epoch=steps_per_epoch,
         collection=ray.put(train_collection),
         layout=layout,
-        lane_cpus=lane_cpus,
+        lane_cpus=lanes.cpus,
+        lane_resources=lanes.resources,
         train_view=RandomCropViewFunction(view.size, view.train_scale, limits),
-        ingest_state=IngestState.remote(),
+        ingest_state=IngestState.options(**on_this_node()).remote(),
         mean=view.mean,
         std=view.std,
         val_label_mapping=mapping,
         run_dir=output,
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.uri,
-        console=RunConsole.remote(),  # the workers' notes, printed here (Ray's own output is not)
+        # The workers' notes, printed here (Ray's own output is not).
+        console=RunConsole.options(**on_this_node()).remote(),
     )
     trainer = build_torch_trainer(
         probe_loop_per_worker,

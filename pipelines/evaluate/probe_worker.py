@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class ProbePlan:
         collection: object ref of the planned training collection.
         layout: the training stream's layout.
         lane_cpus: CPUs per reader lane.
+        lane_resources: custom resources each lane requests (``data.reader_resources``).
         train_view: the RandomResizedCrop + flip view function.
         ingest_state: the IngestState actor.
         mean, std: input normalisation.
@@ -88,6 +89,7 @@ class ProbePlan:
     mlflow_run_id: str | None
     tracking_uri: str
     console: Any = None
+    lane_resources: dict[str, float] = field(default_factory=dict)
 
 
 def probe_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -216,6 +218,7 @@ class FullProbeRunner:
             batch_size=self.config.per_worker_batch_size,
             ingest_state=plan.ingest_state,
             lane_cpus=plan.lane_cpus,
+            lane_resources=plan.lane_resources,
         )
 
     def _validate(self) -> tuple[float, float, float]:

@@ -4,6 +4,7 @@ converted, and how far each reader lane may run ahead of training.
 Skipped images produce no rows, so their counts cannot travel with the data; each lane reports
 here after every group it reads, and the trainer reads a snapshot when it logs. The trainer also
 posts how many rows of each lane it has consumed; a lane that is a window ahead waits for it.
+Each lane records the node it runs on (where ``data.reader_resources`` placed it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class IngestState:
         self.converted: dict[str, int] = {}
         self.first_error = ""
         self.consumed_rows: dict[tuple[str, int], int] = {}  # (stream id, lane) -> rows consumed
+        self.lane_nodes: dict[int, list[str]] = {}  # lane -> the Ray nodes it ran on, in order
 
     def add(self, delivered: int, skipped: dict[str, int], converted: dict[str, int], first_error: str = "") -> None:
         self.delivered += delivered
@@ -36,6 +38,12 @@ class IngestState:
         for lane, rows in rows_by_lane.items():
             self.consumed_rows[(stream, lane)] = rows
 
+    def lane_started(self, lane: int, node_id: str) -> None:
+        """A reader lane started (or was re-run) on Ray node ``node_id``."""
+        nodes = self.lane_nodes.setdefault(lane, [])
+        if node_id not in nodes:
+            nodes.append(node_id)
+
     def consumed(self, stream: str, lane: int) -> int:
         return self.consumed_rows.get((stream, lane), 0)
 
@@ -46,4 +54,5 @@ class IngestState:
             "skipped_by_reason": dict(self.skipped),
             "converted_by_mode": dict(self.converted),
             "first_error": self.first_error,
+            "reader_nodes": sorted({node for nodes in self.lane_nodes.values() for node in nodes}),
         }

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -376,7 +376,9 @@ def _run_lanes(
     """Ray Data task body: one lane (``batch`` holds one lane id and its last consumed position)."""
     # A ref nested in a list is not resolved by Ray: fetched here, once per lane.
     reader = LaneReader(ray.get(shared[0]), **settings)
+    node = ray.get_runtime_context().get_node_id()
     for lane, last_consumed in zip(batch["lane"].tolist(), batch["last_consumed"].tolist()):
+        reader.ingest_state.lane_started.remote(lane, node)
         yield from reader.blocks(lane, last_consumed, end_epoch)
 
 
@@ -442,6 +444,7 @@ def build_view_dataset(
     end_epoch: int | None = None,
     ingest_state: ray.actor.ActorHandle | None = None,
     lane_cpus: float = 1.0,
+    lane_resources: Mapping[str, float] | None = None,
     window_rows: int | None = None,
 ) -> ViewStream:
     """A lazy stream of ``worker``'s view rows: its lanes, from ``positions`` on.
@@ -458,6 +461,9 @@ def build_view_dataset(
         lane_cpus: CPUs each lane reserves. Lanes run for the whole stream and all of them must
             fit at once; a stream read while another one is paused (evaluation during training)
             reserves 0.
+        lane_resources: custom Ray resources each lane requests besides its CPUs (e.g.
+            ``{"ingest": 1}``): the lanes run only on nodes that carry them
+            (:mod:`pipelines.ingest.placement`).
         window_rows: how far a lane may run ahead of what :meth:`ViewStream.training_batches`
             has handed out (:func:`lane_window`); None: as far as Ray Data's buffers allow (a
             bounded stream, or a consumer that reads the dataset directly).
@@ -493,6 +499,7 @@ def build_view_dataset(
             batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=len(lanes)),
             num_cpus=lane_cpus,
+            **({"resources": dict(lane_resources)} if lane_resources else {}),
             fn_kwargs={
                 "shared": [shared_collection],
                 "end_epoch": end_epoch,
@@ -522,6 +529,7 @@ def worker_training_batches(
     batch_size: int,
     ingest_state: ray.actor.ActorHandle,
     lane_cpus: float,
+    lane_resources: Mapping[str, float],
 ) -> Generator[dict, None, None]:
     """A training worker's batches: its lanes from ``progress``'s positions on, each lane allowed
     :func:`lane_window` rows ahead of what the worker has taken (pretraining, the full probe)."""
@@ -533,6 +541,7 @@ def worker_training_batches(
         positions=progress.positions,
         ingest_state=ingest_state,
         lane_cpus=lane_cpus,
+        lane_resources=lane_resources,
         window_rows=lane_window(layout, batch_size),
     )
     return stream.training_batches(batch_size, progress)

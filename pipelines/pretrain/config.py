@@ -72,6 +72,9 @@ class DataSection:
     label_column: str | None = None
     key_column: str | None = None
     readers: int = 0  # reader lanes in all (one CPU each); 0: the CPUs the trainer leaves free (>= 1 per worker)
+    # Ray resources every reader lane requests besides its CPUs, e.g. {ingest: 1}: the lanes then
+    # run only on nodes started with that custom resource (CPU-only reader nodes; docs/CLUSTER.md).
+    reader_resources: dict[str, float] = field(default_factory=dict)
     shuffle: bool = True  # new unit order and row order every epoch
     shuffle_pool: int = 2048  # images read and shuffled together (encoded bytes held per reader lane)
     min_side: int = 8
@@ -159,6 +162,9 @@ class ScalingSection:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_failures: int = 0  # worker-group restarts from the last checkpoint before giving up
+    # How Ray places the workers: PACK fills a node first (one 8-GPU machine for 8 workers);
+    # SPREAD puts them on as many nodes as it can.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)
@@ -245,6 +251,12 @@ class PretrainConfig:
                 f"eval.crop_fraction={self.eval.crop_fraction} is invalid: expected in (0, 1] (1.0: the whole image)",
             ),
             (self.data.readers >= 0, "data.readers is invalid: expected >= 0 (0 = automatic)"),
+            (
+                all(amount > 0 for amount in self.data.reader_resources.values())
+                and not {"CPU", "GPU"} & set(self.data.reader_resources),
+                f"data.reader_resources={self.data.reader_resources} is invalid: expected custom resources "
+                "with amounts > 0, e.g. {ingest: 1} (a lane's CPUs follow from data.readers)",
+            ),
             (self.data.shuffle_pool >= 1, f"data.shuffle_pool={self.data.shuffle_pool} is invalid: expected >= 1"),
             (self.data.min_side >= 1 and self.data.max_pixels >= 1, "data.min_side / data.max_pixels invalid"),
             (

@@ -29,7 +29,7 @@ from moco_core.image_io import ImageLimits
 from pipelines.cli_common import Interrupted, UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
-from pipelines.filesystems import join
+from pipelines.filesystems import STORAGE_ENV, join
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.sources import check_decodable
 from pipelines.ingest.stream import build_view_dataset, plan_layout
@@ -47,15 +47,16 @@ from pipelines.pretrain.checkpoints import (
 )
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
 from pipelines.pretrain.plan import PretrainPlan
-from pipelines.pretrain.run_files import read_json, read_text, write_json, write_text
+from pipelines.pretrain.run_files import read_json, read_text, write_bytes, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
-from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, stop_ray
+from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, on_this_node, stop_ray
 from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
 from pipelines.train_jobs import build_torch_trainer, check_cluster, reader_lanes, root_cause
 
 RUN_INPUTS = "run.json"
 CONFIG_FILE = "config.yaml"
 SUMMARY = "summary.json"
+BACKBONE = "backbone.pt"
 
 
 class RunFailed(UserError):
@@ -147,18 +148,18 @@ def run_pretraining(
     restore = _resume_point(output) if resume else None
     if restore is not None and _finished_as_configured(restore, config):
         return _already_complete(output, restore, restore.state.total_steps)
-    check_cluster(config.scaling, fixed=ensure_ray())
+    check_cluster(config.scaling, config.data.reader_resources, fixed=ensure_ray())
     train = _plan(data, config, "--data")
     val = _plan(val_data, config, "--val-data") if val_data else None
     knn_sets = _knn_collections(train, val)
     steps_per_epoch, total_steps = plan_steps(config, train.num_images or 0)
     if restore is not None and restore.state.step >= total_steps:
         return _already_complete(output, restore, total_steps)
-    lanes_per_worker, lane_cpus = reader_lanes(config.scaling, config.data.readers)
+    lanes = reader_lanes(config.scaling, config.data.readers, config.data.reader_resources)
     layout = plan_layout(
         train,
         workers=config.scaling.workers,
-        lanes_per_worker=lanes_per_worker,
+        lanes_per_worker=lanes.per_worker,
         pool=config.data.shuffle_pool,
         seed=config.training.seed,
         shuffle=config.data.shuffle,
@@ -195,7 +196,9 @@ def run_pretraining(
         from pipelines.ingest.ingest_state import IngestState
         from pipelines.pretrain.worker import WORKER_SUMMARY, train_loop_per_worker
 
-        relay = ConsoleRelay(RunConsole.remote(), step=restore.state.step if restore is not None else 0)
+        # The run's shared state lives beside the driver, so it outlives lost worker and reader nodes.
+        console = RunConsole.options(**on_this_node()).remote()
+        relay = ConsoleRelay(console, step=restore.state.step if restore is not None else 0)
         limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
         augment = config.augment.resolve(on_gpu=config.scaling.gpus_per_worker > 0)
         datasets = _eval_datasets(knn_sets, config, limits, layout.total_lanes) if knn_sets is not None else {}
@@ -206,9 +209,10 @@ def run_pretraining(
             run_dir=output,
             collection=ray.put(train),
             layout=layout,
-            lane_cpus=lane_cpus,
+            lane_cpus=lanes.cpus,
+            lane_resources=lanes.resources,
             train_view=TwoViewFunction(augment, limits),
-            ingest_state=IngestState.remote(),
+            ingest_state=IngestState.options(**on_this_node()).remote(),
             mlflow_run_id=tracker.run_id,
             tracking_uri=tracking_uri,
             has_knn=knn_sets is not None,
@@ -258,9 +262,10 @@ def run_pretraining(
         "mlflow_run_id": tracker.run_id,
         "tracking_uri": tracking_uri,
         "mlflow_ui": ui_command(tracking_uri),
+        "reader_nodes": ray.get(plan.ingest_state.snapshot.remote())["reader_nodes"],
     }
-    if result.checkpoint is not None and local_output is not None and not outcome.get("stopped"):
-        summary["backbone"] = str(_export_backbone(Path(result.checkpoint.path), local_output))
+    if result.checkpoint is not None and not outcome.get("stopped"):
+        summary["backbone"] = _export_backbone(result.checkpoint, output)
     if local_output is not None:
         curves = _plot_curves(local_output)
         for artifact in (
@@ -365,14 +370,20 @@ def _exit_at_once(signum: int, frame: Any) -> None:
     os._exit(130)
 
 
-def _export_backbone(checkpoint_dir: Path, output: Path) -> Path:
+def _export_backbone(checkpoint: Any, output: str) -> str:
+    """``OUTPUT/backbone.pt`` from the final Ray Train checkpoint (local or in object storage)."""
+    import io
+
     import torch
 
     from pipelines.pretrain.checkpoints import load_backbone_state
 
-    path = output / "backbone.pt"
-    torch.save(load_backbone_state(checkpoint_dir), path)
-    return path
+    with checkpoint.as_directory() as directory:
+        state = load_backbone_state(Path(directory))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(output, BACKBONE, buffer.getvalue())
+    return join(output, BACKBONE)
 
 
 def _plot_curves(output: Path) -> Path | None:
@@ -422,5 +433,6 @@ def load_run_for_resume(output: str, overrides: list[str]) -> tuple[PretrainConf
 
 
 def default_output_dir(recipe: str) -> str:
+    """``$MOCO_STORAGE/<recipe>-<time>`` (e.g. a bucket every node reads), else ``outputs/<recipe>-<time>``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return os.path.join("outputs", f"{Path(recipe).stem}-{stamp}")
+    return join(os.environ.get(STORAGE_ENV) or "outputs", f"{Path(recipe).stem}-{stamp}")

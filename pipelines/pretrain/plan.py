@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.ingest.stream import StreamLayout
@@ -21,6 +21,7 @@ class PretrainPlan:
         collection: object ref of the planned training collection (pipelines.ingest.units.Collection).
         layout: how the collection is grouped and dealt to every worker's lanes.
         lane_cpus: CPUs each reader lane reserves (all lanes run for the whole run).
+        lane_resources: custom resources each lane requests (``data.reader_resources``).
         train_view: the two-view transform the lanes apply.
         ingest_state: the IngestState actor counting delivered / skipped images.
         mlflow_run_id: the run's MLflow run (None when tracking is off or failed).
@@ -48,3 +49,4 @@ class PretrainPlan:
     console: Any
     resume_from: str | None = None
     damaged_checkpoints: tuple[str, ...] = ()
+    lane_resources: dict[str, float] = field(default_factory=dict)

@@ -11,14 +11,19 @@ import pyarrow.fs as pafs
 from pipelines.filesystems import resolve_filesystem
 
 
-def write_text(run_dir: str, name: str, text: str) -> None:
-    """Write ``text`` to ``run_dir/name`` through a temporary file and a rename."""
+def write_bytes(run_dir: str, name: str, data: bytes) -> None:
+    """Write ``data`` to ``run_dir/name`` through a temporary file and a rename."""
     filesystem, base = resolve_filesystem(run_dir)
     filesystem.create_dir(base, recursive=True)
     temporary = posixpath.join(base, f".{name}.tmp")
     with filesystem.open_output_stream(temporary) as stream:
-        stream.write(text.encode())
+        stream.write(data)
     filesystem.move(temporary, posixpath.join(base, name))
+
+
+def write_text(run_dir: str, name: str, text: str) -> None:
+    """Write ``text`` to ``run_dir/name`` through a temporary file and a rename."""
+    write_bytes(run_dir, name, text.encode())
 
 
 def read_text(run_dir: str, name: str) -> str | None:

@@ -369,6 +369,7 @@ class PretrainRunner:
             batch_size=self.config.per_worker_batch_size,
             ingest_state=plan.ingest_state,
             lane_cpus=plan.lane_cpus,
+            lane_resources=plan.lane_resources,
         )
 
     def run(self) -> None:
@@ -492,6 +493,7 @@ class PretrainRunner:
         elapsed = max(time.perf_counter() - started, 1e-9)
         outcome: dict[str, Any] = {
             "steps": self.state.step,
+            "started_at_step": first_step,  # 0, or the checkpoint's step after a restart or --resume
             "images_seen": self.state.images_seen,
             "images_per_s": (self.state.step - first_step) * self.config.optim.batch_size / elapsed,
             "final_loss": last.get("loss"),

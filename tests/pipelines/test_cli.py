@@ -23,9 +23,10 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.startswith("moco ")
     helped = _run("benchmarks.entry_point", "--help")
     assert helped.returncode == 0
-    assert "Commands: shard, pretrain, demo, probe, knn, export, tune, bench." in " ".join(helped.stdout.split())
+    listed = " ".join(helped.stdout.split())
+    assert "Commands: shard, pretrain, demo, probe, knn, export, tune, submit, bench." in listed
     product = _run("pipelines.cli", "--help")
-    assert "Commands: shard, pretrain, demo, probe, knn, export, tune." in " ".join(product.stdout.split())
+    assert "Commands: shard, pretrain, demo, probe, knn, export, tune, submit." in " ".join(product.stdout.split())
     assert "bench" not in product.stdout
 
 
