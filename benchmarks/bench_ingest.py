@@ -165,7 +165,7 @@ def run_ingest_benchmark(
         "machine": machine_info(torch.device("cpu")),
         "by_size": {},
     }
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     quiet_ray_data()
     try:
         for size in sizes:

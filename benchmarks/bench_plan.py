@@ -106,7 +106,7 @@ def measure(path: str, layout: str) -> dict:
     from pipelines.ingest.views import TwoViewFunction
     from pipelines.ray_runtime import quiet_ray_data
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     quiet_ray_data()
     resident_before, _ = _memory_mb()
     start = time.perf_counter()

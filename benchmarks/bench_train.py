@@ -222,7 +222,7 @@ def _case(size: int, batch_size: int, steps: int, warmup: int, work: Path, num_i
         "bare_loop": bare_loop(config, paths, steps, warmup, threads),
         "single_process": single_process(config, paths, steps, warmup),
     }
-    ray.init(num_cpus=2, configure_logging=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False)
     try:
         results["job"] = job(config, shards, warmup)
     finally:

@@ -14,6 +14,7 @@ def _start_shared_ray() -> None:
     import ray
 
     ray.init(
+        address="local",
         num_cpus=2,
         object_store_memory=OBJECT_STORE_BYTES,
         include_dashboard=False,

@@ -227,6 +227,18 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [join(join(run_dir, TRAIN_DIR), name) for name in names]
 
 
+def newest_checkpoint_name(*paths: str | None) -> str | None:
+    """The newest (by step, then attempt) of the checkpoints named by ``paths`` (directories or
+    URIs; None entries are skipped), as a directory name.
+
+    A restart asks for both the checkpoint Ray Train hands over and the one the run's pointer file
+    records: the worker writes the pointer once its checkpoint is in storage, which can be before
+    Ray Train's controller has registered it, so after a failure in between the pointer is newer.
+    """
+    names = [posixpath.basename(path.rstrip("/")) for path in paths if path]
+    return max(names, key=lambda name: _order(name) or (-1, 0), default=None)
+
+
 def checkpoints_not_after(run_dir: str, newest: str) -> list[str]:
     """The run's checkpoints from the one named ``newest`` (a directory name) back, newest first."""
     limit = _order(newest)

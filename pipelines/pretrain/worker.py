@@ -53,6 +53,8 @@ from pipelines.pretrain.checkpoints import (
     checkpoint_name,
     checkpoints_not_after,
     load_checkpoint,
+    newest_checkpoint_name,
+    read_pointer,
     save_checkpoint,
     verify_checkpoint,
     write_pointer,
@@ -190,14 +192,23 @@ class PretrainRunner:
     # ------------------------------------------------------------------ restore / checkpoint
 
     def _restore(self) -> bool:
-        """Restore the newest intact checkpoint at or before the one Ray Train hands over (the newest
-        registered: a restart after a failure, or a resumed run), else the one ``--resume`` chose.
+        """Restore the newest intact checkpoint at or before the newest of: the one Ray Train hands
+        over (a restart after a failure), the one ``--resume`` chose, and, on a restart, the one the
+        run's pointer file records (it can be newer than Ray Train's: :func:`newest_checkpoint_name`).
 
         A damaged checkpoint (a truncated or altered file) is passed over with one warning for the
         one before it among the run directory's ``checkpoint_step*`` (the newest ``checkpoint.keep``).
         """
         registered = ray.train.get_checkpoint()
-        newest = posixpath.basename(registered.path.rstrip("/")) if registered is not None else self.plan.resume_from
+        try:
+            pointer = read_pointer(self.run_dir)
+        except DamagedCheckpoint:  # the driver warned about it; the checkpoints themselves are listed below
+            pointer = None
+        newest = newest_checkpoint_name(
+            registered.path if registered is not None else None,
+            self.plan.resume_from,
+            pointer["path"] if pointer is not None else None,
+        )
         if newest is None:
             return False
         loaded = None

@@ -17,6 +17,7 @@ from pipelines.pretrain.checkpoints import (
     checkpoints_not_after,
     list_checkpoints,
     load_checkpoint,
+    newest_checkpoint_name,
     newest_intact_checkpoint,
     newest_recorded_checkpoint,
     read_pointer,
@@ -105,6 +106,15 @@ def test_checkpoint_directories_are_ordered_by_step_then_attempt(tmp_path):
     older = [path.rsplit("/", 1)[1] for path in checkpoints_not_after(str(tmp_path), "checkpoint_step000000004-1")]
     assert older == names[1:]
     assert list_checkpoints(str(tmp_path / "nothing")) == []
+
+
+def test_a_restart_takes_the_newest_of_ray_trains_checkpoint_and_the_pointer():
+    # The pointer is written once the checkpoint is in storage, possibly before Ray Train registers it.
+    registered = "/runs/a/train/checkpoint_step000000004"
+    pointer = "s3://bucket/runs/a/train/checkpoint_step000000006/"
+    assert newest_checkpoint_name(registered, None, pointer) == "checkpoint_step000000006"
+    assert newest_checkpoint_name(pointer, "checkpoint_step000000006-1", None) == "checkpoint_step000000006-1"
+    assert newest_checkpoint_name(None, None, None) is None
 
 
 def test_a_garbage_pointer_file_is_named(tmp_path):

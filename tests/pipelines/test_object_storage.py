@@ -70,7 +70,9 @@ def test_pretrain_fail_resume_and_probe_with_data_and_run_directories_in_a_bucke
     import ray
 
     filesystem = _bucket_with_shards(tmp_path, s3_settings["AWS_ENDPOINT_URL"])
-    ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False
+    )
     run = f"s3://{BUCKET}/runs/tiny"
     # One worker: this test is about where files go (test_pretrain.py covers two workers).
     settings = [*TINY_PRETRAIN, "scaling.workers=1", "debug.fail_at_step=5", "tracking.enabled=false"]
