@@ -140,10 +140,9 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def _readme_install_command() -> str:
-    """The install command of README.md's set-up (a bash block line running pip install)."""
+    """README.md's install command for an environment of one's own (the one bash line running pip install)."""
     readme = (ROOT / "README.md").read_text()
-    setup = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", setup, re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
     commands = [line.split("#")[0].strip() for block in blocks for line in block.splitlines() if "pip install" in line]
     assert len(commands) == 1, commands
     return commands[0]
