@@ -195,7 +195,9 @@ def job(config, shards: str, warmup: int) -> dict:
     }
 
 
-def _case(size: int, batch_size: int, steps: int, warmup: int, work: Path, num_images: int) -> dict:
+def _case(
+    size: int, batch_size: int, steps: int, warmup: int, work: Path, num_images: int, variant_cpus: tuple[float, ...]
+) -> dict:
     """Every baseline and the job at one view size."""
     import ray
 
@@ -222,16 +224,22 @@ def _case(size: int, batch_size: int, steps: int, warmup: int, work: Path, num_i
         "bare_loop": bare_loop(config, paths, steps, warmup, threads),
         "single_process": single_process(config, paths, steps, warmup),
     }
-    ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False)
-    try:
-        results["job"] = job(config, shards, warmup)
-    finally:
-        ray.shutdown()
-    ours = results["job"]["img_per_s"]
-    results["ratios"] = {
-        name: round(ours / results[name]["img_per_s"], 3) for name in ("step_alone", "bare_loop", "single_process")
-    }
-    for name in ("step_alone", "bare_loop", "single_process", "job"):
+    variants = {"job": config}
+    for cpus in variant_cpus:
+        variants[f"job_cpus_{cpus:g}"] = load_config("in1m-v2", overrides + [f"scaling.cpus_per_worker={cpus:g}"])
+    for name, job_config in variants.items():
+        ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False)
+        try:
+            results[name] = job(job_config, shards, warmup)
+        finally:
+            ray.shutdown()
+    baselines = ("step_alone", "bare_loop", "single_process")
+    results["ratios"] = {name: round(results["job"]["img_per_s"] / results[name]["img_per_s"], 3) for name in baselines}
+    for variant in list(variants)[1:]:
+        results[f"{variant}_ratios"] = {
+            name: round(results[variant]["img_per_s"] / results[name]["img_per_s"], 3) for name in baselines
+        }
+    for name in (*baselines, *variants):
         results[name] = {
             key: round(value, 3) if isinstance(value, float) else value for key, value in results[name].items()
         }
@@ -249,11 +257,17 @@ def run_train_benchmark(
     batch_sizes: dict[int, int] | None = None,
     steps: int = 60,
     warmup: int = 10,
+    job_variant_cpus: tuple[float, ...] = (),
 ) -> dict:
-    """Measure every baseline and the job at each size; ``ratios`` = job / baseline."""
+    """Measure every baseline and the job at each size; ``ratios`` = job / baseline. Each of
+    ``job_variant_cpus`` adds a run of the job with the trainer reserving that many CPUs, beside
+    the default one (``job_cpus_<n>`` and its ``..._ratios``)."""
     work = Path(work_dir) if work_dir else default_work_dir()
     batches = {**DEFAULT_BATCH, **(batch_sizes or {})}
-    by_size = {str(size): _case(size, batches.get(size, 64), steps, warmup, work, num_images) for size in sizes}
+    by_size = {
+        str(size): _case(size, batches.get(size, 64), steps, warmup, work, num_images, job_variant_cpus)
+        for size in sizes
+    }
     return {
         "benchmark": "train",
         "config": {

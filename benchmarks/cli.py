@@ -171,6 +171,16 @@ def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentPar
     parser.add_argument(
         "--warmup", type=positive_int, default=10, help="untimed steps first; also the job's log window (default: 10)"
     )
+    parser.add_argument(
+        "--job-variant-cpus",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="CPUS",
+        help="also run the job with the trainer reserving this many CPUs (scaling.cpus_per_worker; torch threads "
+        "follow), reported beside the default job as job_cpus_<CPUS> (e.g. 1.5 on 2 cores: 2 torch threads, "
+        "the reader lane on the half CPU left)",
+    )
     parser.set_defaults(handler=_run_train)
 
 
@@ -184,6 +194,7 @@ def _run_train(args: argparse.Namespace) -> dict:
         batch_sizes={size: args.batch_size for size in args.sizes} if args.batch_size else None,
         steps=args.steps,
         warmup=args.warmup,
+        job_variant_cpus=tuple(args.job_variant_cpus),
     )
 
 

@@ -21,6 +21,7 @@ Every file is read with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import posixpath
@@ -207,13 +208,18 @@ class _Location:
         with self.filesystem.open_input_stream(self.path) as stream:
             return stream.read().decode()
 
-    def torch_load(self) -> Any:
-        """``torch.load(weights_only=True)`` on the file; a one-line error when it is not a torch file."""
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_file(self.path) as stream:
+            return stream.readall()
+
+    def torch_load(self, data: bytes | None = None) -> Any:
+        """``torch.load(weights_only=True)`` on the file (or on its ``data``, already read); a
+        one-line error when it is not a torch file."""
         try:
-            if self.is_local:
+            if data is None and self.is_local:
                 return torch.load(self.path, map_location="cpu", weights_only=True)
-            with self.filesystem.open_input_file(self.path) as stream:
-                return torch.load(io.BytesIO(stream.readall()), map_location="cpu", weights_only=True)
+            data = self.read_bytes() if data is None else data
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 -- pickle, zip, EOF and unsafe-global errors all mean "not ours"
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise BackboneSourceError(
@@ -305,7 +311,34 @@ def _from_checkpoint_dict(saved: Mapping[str, Any], model_file: _Location) -> _F
 
 
 def _load_file(location: _Location) -> _Found:
-    return _classify(location.torch_load(), location)
+    return _classify(location.torch_load(_read_verified(location)), location)
+
+
+def _read_verified(location: _Location) -> bytes | None:
+    """The bytes of a ``moco pretrain`` checkpoint's file once they match the size and SHA-256 its
+    ``state.json`` recorded when it was written; None for any other file (read as it is).
+
+    Raises:
+        BackboneSourceError: the file is damaged (truncated or altered on its storage).
+    """
+    state_text = location.parent().child(STATE_FILE).read_text()
+    try:
+        expected = json.loads(state_text)["files"][location.basename()] if state_text else None
+    except (ValueError, KeyError, TypeError):
+        expected = None  # not a checkpoint record, or one from before checksums were recorded
+    if not isinstance(expected, Mapping):
+        return None
+    data = location.read_bytes()
+    if len(data) != expected.get("bytes"):
+        damage = f"has {len(data)} bytes, {expected.get('bytes')} when written"
+    elif hashlib.sha256(data).hexdigest() != expected.get("sha256"):
+        damage = "does not match the SHA-256 recorded when it was written"
+    else:
+        return data
+    raise BackboneSourceError(
+        f"{location.name} {damage} (a damaged checkpoint); give an older checkpoint of the run "
+        "(its train/checkpoint_step* directories)"
+    )
 
 
 def _classify(saved: Any, location: _Location) -> _Found:

@@ -210,6 +210,23 @@ def test_backbone_pt_beside_its_run_and_on_its_own(run, tmp_path):
     assert_same_weights(alone.state_dict, weights[40])
 
 
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_a_damaged_checkpoint_is_named_not_loaded(tmp_path, damage):
+    root, weights, _ = write_run(tmp_path / "run")
+    model_file = root / "train" / "checkpoint_step000000040" / "model.pt"
+    data = bytearray(model_file.read_bytes())
+    if damage == "truncate":
+        model_file.write_bytes(data[: len(data) // 2])
+    else:
+        data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, still a readable file
+        model_file.write_bytes(bytes(data))
+    reason = "has .* bytes, .* when written" if damage == "truncate" else "does not match the SHA-256 .* written"
+    for source in (root, model_file.parent):
+        with pytest.raises(BackboneSourceError, match=rf"model.pt {reason} \(a damaged checkpoint\)"):
+            load_backbone(str(source))
+    assert_same_weights(load_backbone(str(root / "train" / "checkpoint_step000000020")).state_dict, weights[20])
+
+
 def test_a_torchvision_state_dict_loads_without_fc(tmp_path):
     torch.manual_seed(3)
     model = torchvision.models.resnet18(weights=None)
