@@ -228,7 +228,7 @@ def _case(
     for cpus in variant_cpus:
         variants[f"job_cpus_{cpus:g}"] = load_config("in1m-v2", overrides + [f"scaling.cpus_per_worker={cpus:g}"])
     for name, job_config in variants.items():
-        ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False, log_to_driver=False)
         try:
             results[name] = job(job_config, shards, warmup)
         finally:
