@@ -487,6 +487,11 @@ def build_view_dataset(
     # Ray Data reads a lane's blocks as fast as they come: ``window_rows`` bounds a lane instead.)
     saved_reservation = context.op_resource_reservation_enabled
     context.op_resource_reservation_enabled = False
+    # Nor may Ray Data hold back the lanes' finished blocks for a consumer that prefetches one
+    # batch: its executor would find them ready on every ray.wait and spin on a CPU the trainer
+    # needs (2.4x slower at 32 px on 2 cores; docs/BENCHMARKS.md). The window bounds them.
+    saved_downstream_ratio = context.downstream_capacity_backpressure_ratio
+    context.downstream_capacity_backpressure_ratio = None
     try:
         seeds = ray.data.from_items(
             [{"lane": int(lane), "last_consumed": int(position)} for lane, position in zip(lanes, last)],
@@ -516,6 +521,7 @@ def build_view_dataset(
     finally:
         context.target_max_block_size = saved_block_size
         context.op_resource_reservation_enabled = saved_reservation
+        context.downstream_capacity_backpressure_ratio = saved_downstream_ratio
     return ViewStream(dataset, ingest_state, stream_id, layout)
 
 
