@@ -228,6 +228,31 @@ def test_lanes_run_at_most_a_window_ahead_of_training(ray_cluster, parquet_colle
     assert 3 * 8 <= delivered <= 3 * 8 + 2 * (window + 16), (delivered, window)
 
 
+def test_a_slow_consumer_leaves_the_executor_idle(ray_cluster, parquet_collection, monkeypatch):
+    """While training works on a batch, the lanes wait within their window: Ray Data must not
+    hold finished blocks back from the consumer, or its executor spins on them, a CPU lost to
+    training (796e481 made the job 2.4x slower that way). Counts the executor's decisions to
+    hold a task's outputs back (Ray Data's hook for them) over four slow steps."""
+    from ray.data._internal.execution.interfaces.physical_operator import PhysicalOperator
+
+    held_back = []
+    original = PhysicalOperator.notify_in_task_output_backpressure
+
+    def count(self, in_backpressure, *args, **kwargs):
+        if in_backpressure:
+            held_back.append(self.name)
+        return original(self, in_backpressure, *args, **kwargs)
+
+    monkeypatch.setattr(PhysicalOperator, "notify_in_task_output_backpressure", count)
+    layout = plan_layout(parquet_collection, workers=1, lanes_per_worker=2, pool=16, seed=4)
+    batches = _training_stream(parquet_collection, layout).training_batches(8, StreamProgress(layout.total_lanes))
+    for _ in range(4):
+        next(batches)
+        time.sleep(0.5)  # a training step
+    batches.close()
+    assert len(held_back) < 50, f"the executor held the lanes' outputs back {len(held_back)} times in 2 s"
+
+
 # ----------------------------------------------------------------------------- bad data, eval, memory
 
 
