@@ -321,19 +321,19 @@ def _read_verified(location: _Location) -> bytes | None:
     Raises:
         BackboneSourceError: the file is damaged (truncated or altered on its storage).
     """
+    from pipelines.pretrain.checkpoints import recorded_damage
+
     state_text = location.parent().child(STATE_FILE).read_text()
     try:
         expected = json.loads(state_text)["files"][location.basename()] if state_text else None
+        expected = expected if {"bytes", "sha256"} <= set(expected or ()) else None
     except (ValueError, KeyError, TypeError):
         expected = None  # not a checkpoint record, or one from before checksums were recorded
-    if not isinstance(expected, Mapping):
+    if expected is None:
         return None
     data = location.read_bytes()
-    if len(data) != expected.get("bytes"):
-        damage = f"has {len(data)} bytes, {expected.get('bytes')} when written"
-    elif hashlib.sha256(data).hexdigest() != expected.get("sha256"):
-        damage = "does not match the SHA-256 recorded when it was written"
-    else:
+    damage = recorded_damage(len(data), expected, lambda: hashlib.sha256(data).hexdigest())
+    if damage is None:
         return data
     raise BackboneSourceError(
         f"{location.name} {damage} (a damaged checkpoint); give an older checkpoint of the run "

@@ -208,17 +208,8 @@ class FullProbeRunner:
             return self.backbone(inputs).float()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        plan = self.plan
         return worker_training_batches(
-            plan.collection,
-            plan.train_view,
-            plan.layout,
-            self.progress,
-            worker=self.rank,
-            batch_size=self.config.per_worker_batch_size,
-            ingest_state=plan.ingest_state,
-            lane_cpus=plan.lane_cpus,
-            lane_resources=plan.lane_resources,
+            self.plan, self.progress, worker=self.rank, batch_size=self.config.per_worker_batch_size
         )
 
     def _validate(self) -> tuple[float, float, float]:

@@ -525,29 +525,31 @@ def build_view_dataset(
     return ViewStream(dataset, ingest_state, stream_id, layout)
 
 
+class TrainingStreamPlan(Protocol):
+    """What a training worker's plan (pretraining's, the full probe's) carries for its stream."""
+
+    collection: Collection | ray.ObjectRef
+    train_view: ViewFunction
+    layout: StreamLayout
+    ingest_state: ray.actor.ActorHandle
+    lane_cpus: float
+    lane_resources: Mapping[str, float]
+
+
 def worker_training_batches(
-    collection: Collection | ray.ObjectRef,
-    view_function: ViewFunction,
-    layout: StreamLayout,
-    progress: StreamProgress,
-    *,
-    worker: int,
-    batch_size: int,
-    ingest_state: ray.actor.ActorHandle,
-    lane_cpus: float,
-    lane_resources: Mapping[str, float],
+    plan: TrainingStreamPlan, progress: StreamProgress, *, worker: int, batch_size: int
 ) -> Generator[dict, None, None]:
     """A training worker's batches: its lanes from ``progress``'s positions on, each lane allowed
     :func:`lane_window` rows ahead of what the worker has taken (pretraining, the full probe)."""
     stream = build_view_dataset(
-        collection,
-        view_function,
-        layout,
+        plan.collection,
+        plan.train_view,
+        plan.layout,
         worker=worker,
         positions=progress.positions,
-        ingest_state=ingest_state,
-        lane_cpus=lane_cpus,
-        lane_resources=lane_resources,
-        window_rows=lane_window(layout, batch_size),
+        ingest_state=plan.ingest_state,
+        lane_cpus=plan.lane_cpus,
+        lane_resources=plan.lane_resources,
+        window_rows=lane_window(plan.layout, batch_size),
     )
     return stream.training_batches(batch_size, progress)

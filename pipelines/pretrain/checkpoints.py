@@ -26,8 +26,9 @@ import json
 import os
 import posixpath
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -166,11 +167,21 @@ def verify_checkpoint(path: str, checksums: bool = True) -> TrainingState:
         info = filesystem.get_file_info(posixpath.join(base, name))
         if info.type != pafs.FileType.File:
             raise DamagedCheckpoint(f"{join(path, name)} is missing")
-        if info.size != expected["bytes"]:
-            raise DamagedCheckpoint(f"{join(path, name)} has {info.size} bytes, {expected['bytes']} when written")
-        if checksums and _sha256(filesystem, posixpath.join(base, name)) != expected["sha256"]:
-            raise DamagedCheckpoint(f"{join(path, name)} does not match the SHA-256 recorded when it was written")
+        file = posixpath.join(base, name)
+        damage = recorded_damage(info.size, expected, partial(_sha256, filesystem, file) if checksums else None)
+        if damage:
+            raise DamagedCheckpoint(f"{join(path, name)} {damage}")
     return TrainingState.from_record(record)
+
+
+def recorded_damage(size: int, expected: Mapping[str, Any], sha256: Callable[[], str] | None) -> str | None:
+    """How a checkpoint file of ``size`` bytes (and SHA-256 ``sha256()``, when given) differs from
+    its record in ``state.json`` (``{"bytes", "sha256"}``), or None when it matches."""
+    if size != expected["bytes"]:
+        return f"has {size} bytes, {expected['bytes']} when written"
+    if sha256 is not None and sha256() != expected["sha256"]:
+        return "does not match the SHA-256 recorded when it was written"
+    return None
 
 
 def _sha256(filesystem: pafs.FileSystem, path: str) -> str:

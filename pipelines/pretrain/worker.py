@@ -370,17 +370,8 @@ class PretrainRunner:
 
     def _batches(self) -> Generator[dict[str, torch.Tensor], None, None]:
         """This worker's lanes of the training stream, from the restored positions on."""
-        plan = self.plan
         return worker_training_batches(
-            plan.collection,
-            plan.train_view,
-            plan.layout,
-            self.progress,
-            worker=self.rank,
-            batch_size=self.config.per_worker_batch_size,
-            ingest_state=plan.ingest_state,
-            lane_cpus=plan.lane_cpus,
-            lane_resources=plan.lane_resources,
+            self.plan, self.progress, worker=self.rank, batch_size=self.config.per_worker_batch_size
         )
 
     def run(self) -> None:
