@@ -15,7 +15,9 @@ For each view size, on a corpus of that kind of image (ImageNet-like JPEGs for 6
   other CPU, fed by the Ray Data stream.
 
 One statistic everywhere: images/s over the same steps (after ``warmup``), from per-step times
-for the loops and from the job's contiguous log windows. ``wall_s`` is the whole run of
+for the loops and from the job's contiguous log windows; with ``repeats`` > 1 every path runs once
+per round, the rounds interleaved so slow spells of a shared machine hit them alike, and each
+figure is the median of its rounds. ``wall_s`` is the whole run of
 ``warmup + steps`` steps including start-up (for the job: planning, Ray Train and Ray Data start;
 the Ray cluster itself is started before).
 """
@@ -196,9 +198,17 @@ def job(config, shards: str, warmup: int) -> dict:
 
 
 def _case(
-    size: int, batch_size: int, steps: int, warmup: int, work: Path, num_images: int, variant_cpus: tuple[float, ...]
+    size: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    work: Path,
+    num_images: int,
+    variant_cpus: tuple[float, ...],
+    repeats: int,
 ) -> dict:
-    """Every baseline and the job at one view size."""
+    """Every baseline and the job at one view size, ``repeats`` interleaved rounds; each figure is
+    the median of its rounds (``runs`` keeps every round's ``img_per_s``)."""
     import ray
 
     from pipelines.pretrain.config import load_config
@@ -217,37 +227,38 @@ def _case(
     config = load_config("in1m-v2", overrides)
     threads = 1  # the CPUs the job's trainer reserves (scaling.cpus_per_worker)
     images = [path.read_bytes() for path in paths[:64]]
-    results = {
-        "corpus": corpus,
-        "batch_size": batch_size,
-        "step_alone": step_alone(config, images, steps, warmup, threads),
-        "bare_loop": bare_loop(config, paths, steps, warmup, threads),
-        "single_process": single_process(config, paths, steps, warmup),
-    }
     variants = {"job": config}
     for cpus in variant_cpus:
         variants[f"job_cpus_{cpus:g}"] = load_config("in1m-v2", overrides + [f"scaling.cpus_per_worker={cpus:g}"])
-    for name, job_config in variants.items():
-        ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False, log_to_driver=False)
-        try:
-            results[name] = job(job_config, shards, warmup)
-        finally:
-            ray.shutdown()
+    rounds: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        rounds.setdefault("step_alone", []).append(step_alone(config, images, steps, warmup, threads))
+        rounds.setdefault("bare_loop", []).append(bare_loop(config, paths, steps, warmup, threads))
+        rounds.setdefault("single_process", []).append(single_process(config, paths, steps, warmup))
+        for name, job_config in variants.items():
+            ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False, log_to_driver=False)
+            try:
+                rounds.setdefault(name, []).append(job(job_config, shards, warmup))
+            finally:
+                ray.shutdown()
+    results: dict = {"corpus": corpus, "batch_size": batch_size, "repeats": repeats}
+    for name, runs in rounds.items():
+        results[name] = {key: _median_of(runs, key) for key in runs[0]}
+        results[name]["runs"] = [round(run["img_per_s"], 3) for run in runs]
     baselines = ("step_alone", "bare_loop", "single_process")
-    results["ratios"] = {name: round(results["job"]["img_per_s"] / results[name]["img_per_s"], 3) for name in baselines}
-    for variant in list(variants)[1:]:
-        results[f"{variant}_ratios"] = {
+    for variant in variants:
+        prefix = "" if variant == "job" else f"{variant}_"
+        results[f"{prefix}ratios"] = {
             name: round(results[variant]["img_per_s"] / results[name]["img_per_s"], 3) for name in baselines
-        }
-    for name in (*baselines, *variants):
-        results[name] = {
-            key: round(value, 3) if isinstance(value, float) else value for key, value in results[name].items()
         }
     return results
 
 
-def _rounded(value):
-    return round(value, 3) if isinstance(value, float) else value
+def _median_of(runs: list[dict], key: str):
+    """The median of a float field over the rounds (rounded); other fields from the first round."""
+    if not isinstance(runs[0][key], float):
+        return runs[0][key]
+    return round(float(np.median([run[key] for run in runs])), 3)
 
 
 def run_train_benchmark(
@@ -258,14 +269,16 @@ def run_train_benchmark(
     steps: int = 60,
     warmup: int = 10,
     job_variant_cpus: tuple[float, ...] = (),
+    repeats: int = 1,
 ) -> dict:
-    """Measure every baseline and the job at each size; ``ratios`` = job / baseline. Each of
-    ``job_variant_cpus`` adds a run of the job with the trainer reserving that many CPUs, beside
-    the default one (``job_cpus_<n>`` and its ``..._ratios``)."""
+    """Measure every baseline and the job at each size, in ``repeats`` interleaved rounds (medians
+    reported); ``ratios`` = job / baseline. Each of ``job_variant_cpus`` adds a run of the job with
+    the trainer reserving that many CPUs, beside the default one (``job_cpus_<n>`` and its
+    ``..._ratios``)."""
     work = Path(work_dir) if work_dir else default_work_dir()
     batches = {**DEFAULT_BATCH, **(batch_sizes or {})}
     by_size = {
-        str(size): _case(size, batches.get(size, 64), steps, warmup, work, num_images, job_variant_cpus)
+        str(size): _case(size, batches.get(size, 64), steps, warmup, work, num_images, job_variant_cpus, repeats)
         for size in sizes
     }
     return {
@@ -275,6 +288,7 @@ def run_train_benchmark(
             "recipe": "v2",
             "steps": steps,
             "warmup": warmup,
+            "repeats": repeats,
             "job": "1 Ray Train worker (1 CPU), reader lanes on the other CPU",
         },
         "machine": machine_info(torch.device("cpu")),

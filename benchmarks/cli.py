@@ -181,6 +181,12 @@ def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentPar
         "follow), reported beside the default job as job_cpus_<CPUS> (e.g. 1.5 on 2 cores: 2 torch threads, "
         "the reader lane on the half CPU left)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="interleaved rounds of every path; figures are the medians of the rounds (default: 1)",
+    )
     parser.set_defaults(handler=_run_train)
 
 
@@ -195,6 +201,7 @@ def _run_train(args: argparse.Namespace) -> dict:
         steps=args.steps,
         warmup=args.warmup,
         job_variant_cpus=tuple(args.job_variant_cpus),
+        repeats=args.repeats,
     )
 
 
