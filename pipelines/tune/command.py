@@ -56,7 +56,8 @@ def _add_pretrain_options(parser: argparse.ArgumentParser) -> None:
         "--oscillation-tolerance",
         type=float,
         default=0.05,
-        help="a loss not decreasing at the end and swinging by more than this fraction of its mean fails",
+        help="a loss not decreasing at the end and swinging about its trend line by more than this fraction "
+        "of its mean fails",
     )
 
 
@@ -94,8 +95,8 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         parents=[common],
         help="one pretraining run per momentum m, each scored by the cached probe (the paper's table)",
         description="Pretrain once per key-encoder momentum (default m in 0, 0.9, 0.99, 0.999, 0.9999), probe each "
-        "backbone on cached features over a small lr grid, and report the table; a diverging or oscillating run "
-        "is reported as fail.",
+        "backbone on cached features over a small lr grid, and report the table; a diverging, oscillating or collapsed "
+        "run is reported as fail.",
     )
     _add_pretrain_options(momentum)
     _add_sweep_options(momentum)

@@ -10,7 +10,8 @@ rather than inside the trial's (empty) reservation.
 
 A trial **fails** (status ``fail``, as the paper's m=0 row) when its loss becomes non-finite (the
 run stops itself: :class:`~pipelines.pretrain.driver.RunFailed`) or when its pretext loss
-oscillates without decreasing at the end (:func:`loss_verdict`); it is reported, not raised, and
+oscillates without decreasing at the end, or sits at the chance level (:func:`loss_verdict`); it
+is reported, not raised, and
 the sweep goes on. Anything else a trial raises makes it ``error`` with the message.
 """
 
@@ -41,11 +42,13 @@ from tune_spaces.mechanism import mechanism_overrides, mechanism_points
 from tune_spaces.momentum import PROBE_LRS, momentum_points
 
 METRICS = ("probe", "knn")
-#: Relative swing (standard deviation / mean) of the last window's loss above which a loss that
-#: is not decreasing counts as oscillating.
+#: Relative swing (standard deviation about its trend line / mean) of the last window's loss above
+#: which a loss that is not decreasing counts as oscillating.
 OSCILLATION_TOLERANCE = 0.05
 #: Fewest logged losses the oscillation rule judges.
 MIN_LOSSES = 4
+#: A last window whose mean loss is at least this share of the chance-level loss counts as collapsed.
+COLLAPSE_SHARE = 0.99
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,34 @@ class PretrainTrialPlan:
     oscillation_tolerance: float = OSCILLATION_TOLERANCE
 
 
+def chance_loss(config: PretrainConfig) -> float:
+    """The InfoNCE loss when every candidate key is equally similar to the query: ln(candidates),
+    with 1 + K candidates for ``moco`` and ``memory_bank`` and the global batch for ``end_to_end``."""
+    model = config.model
+    candidates = config.optim.batch_size if model.mechanism == "end_to_end" else 1 + model.queue_size
+    return math.log(candidates)
+
+
 def loss_verdict(
-    losses: list[float], tolerance: float = OSCILLATION_TOLERANCE, min_points: int = MIN_LOSSES
+    losses: list[float],
+    tolerance: float = OSCILLATION_TOLERANCE,
+    min_points: int = MIN_LOSSES,
+    chance: float | None = None,
 ) -> tuple[str, str]:
     """``("ok" | "fail", why)`` for a run's logged pretext losses, in step order.
 
     The rule: a run fails when any loss is non-finite, or when over its last window (the last
-    quarter of the logged losses, at least ``min_points``) the loss is not decreasing (its
-    least-squares slope is >= 0) while swinging by more than ``tolerance`` of its mean (standard
-    deviation / mean): it oscillates instead of converging. A loss that plateaus smoothly, or
-    keeps falling, is fine; runs with fewer than ``min_points`` logged losses are not judged.
+    quarter of the logged losses, at least ``min_points``) the loss
+
+    * is not decreasing (its least-squares slope is >= 0) while swinging about that line by more
+      than ``tolerance`` of its mean (standard deviation of the residuals / mean): it oscillates
+      instead of converging. A smooth rise is not a swing: MoCo's loss rises early in training,
+      while the queue fills with keys of an encoder that is learning; or
+    * has a mean of at least ``COLLAPSE_SHARE`` of ``chance`` (:func:`chance_loss`, when given):
+      the encoder collapsed, every key as similar to a query as its positive.
+
+    A loss that plateaus smoothly below chance, or keeps falling, is fine; runs with fewer than
+    ``min_points`` logged losses are not judged.
     """
     if any(not math.isfinite(value) for value in losses):
         return "fail", "the loss became non-finite"
@@ -115,11 +136,17 @@ def loss_verdict(
     slope = sum((i - center) * (value - mean) for i, value in enumerate(window)) / sum(
         (i - center) ** 2 for i in range(count)
     )
-    swing = math.sqrt(sum((value - mean) ** 2 for value in window) / count) / abs(mean) if mean else math.inf
+    residuals = [value - mean - slope * (i - center) for i, value in enumerate(window)]
+    swing = math.sqrt(sum(value**2 for value in residuals) / count) / abs(mean) if mean else math.inf
     if slope >= 0 and swing > tolerance:
         return "fail", (
             f"the pretext loss oscillates: not decreasing over its last {count} logged values "
             f"(slope {slope:+.3g} per log step) and swinging by {100 * swing:.0f}% of its mean"
+        )
+    if chance is not None and mean >= COLLAPSE_SHARE * chance:
+        return "fail", (
+            f"the pretext loss collapsed to chance: its last {count} logged values average {mean:.4g}, "
+            f"the loss of uniform similarities is {chance:.4g} (every key as close as the positive)"
         )
     return "ok", f"last {count} logged losses: slope {slope:+.3g} per log step, swing {100 * swing:.0f}%"
 
@@ -204,7 +231,7 @@ def pretrain_and_probe(plan: PretrainTrialPlan, point: Point) -> dict[str, Any]:
         row |= {"steps": summary.get("steps"), "mlflow_run_id": run_id}
         _tag_trial_run(row, summary.get("tracking_uri"))
         return row
-    verdict, why = loss_verdict(_logged_losses(run_dir), plan.oscillation_tolerance)
+    verdict, why = loss_verdict(_logged_losses(run_dir), plan.oscillation_tolerance, chance=chance_loss(config))
     row: dict[str, Any] = {
         "status": verdict,
         "final_loss": summary.get("final_loss"),

@@ -40,7 +40,7 @@ RESULTS_MD = "results.md"
 BEST_FILE = "best.json"
 SUMMARY = "summary.json"
 EXPERIMENT = "moco-tune"
-#: Row statuses: finished; diverged or oscillated (the paper's "fail"); raised; stopped early
+#: Row statuses: finished; diverged, oscillated or collapsed (the paper's "fail"); raised; stopped early
 #: by ASHA; not run because it does not fit (end-to-end batches); not run yet (interrupted).
 STATUSES = ("ok", "fail", "error", "stopped", "skipped", "pending")
 

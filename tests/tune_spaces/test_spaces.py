@@ -1,9 +1,12 @@
 """The sweeps' spaces: the paper's grids, space files, and which mechanism x K points fit."""
 
+import math
+
 import pytest
 
 from pipelines.config import ConfigError
-from pipelines.tune.pretrain_sweep import loss_verdict
+from pipelines.pretrain.config import load_config
+from pipelines.tune.pretrain_sweep import chance_loss, loss_verdict
 from tune_spaces.common import param_space, trial_name
 from tune_spaces.mechanism import mechanism_overrides, mechanism_points
 from tune_spaces.momentum import momentum_points
@@ -66,7 +69,8 @@ def test_space_files_give_grids_and_points_for_their_own_sweep(tmp_path):
         ([9.0, 8.0, 7.5, 7.0, 6.8, 6.5, 6.3, 6.2], "ok", "slope -"),  # still falling
         ([9.0, 7.0, 6.0, 6.0, 6.01, 6.0, 6.01, 6.0], "ok", "swing 0%"),  # a smooth plateau
         ([9.0, 8.0, 6.0, 8.5, 5.5, 8.8, 5.2, 9.0], "fail", "oscillates"),  # swings, no progress
-        ([9.0, 8.0, 7.0, 6.0, 7.0, 8.0, 9.0, 10.0], "fail", "oscillates"),  # rising again
+        ([9.0, 8.0, 7.0, 6.0, 8.0, 6.5, 9.5, 7.0], "fail", "oscillates"),  # up and down, no progress
+        ([3.4, 3.1, 3.0, 3.6, 4.5, 4.8, 5.1, 5.6], "ok", "slope +"),  # a smooth rise (the queue filling)
         ([9.0, 8.0, float("nan")], "fail", "non-finite"),
         ([9.0, 9.5, 10.0], "ok", "not judged"),
     ],
@@ -74,3 +78,20 @@ def test_space_files_give_grids_and_points_for_their_own_sweep(tmp_path):
 def test_the_divergence_rule(losses, status, why):
     verdict, reason = loss_verdict(losses)
     assert verdict == status and why in reason
+
+
+#: The logged losses of the demo's m=0 trial (docs/RESULTS.md): up from 4.1 to ln(1025) and flat.
+COLLAPSED_AT_M0 = [4.095, 5.945, 6.111, 6.568, 6.786, 6.829, 6.875, 6.915, 6.925, 6.929, 6.932, 6.932]
+#: Its m=0.9 neighbour: still rising as the queue fills with real keys, well below chance.
+RISING_AT_M09 = [3.405, 3.057, 3.044, 3.624, 4.497, 4.78, 5.123, 5.623, 5.743]
+
+
+def test_a_loss_that_collapses_to_chance_fails():
+    chance = chance_loss(load_config("demo", ["model.mechanism=moco", "model.queue_size=1024"]))
+    assert chance == pytest.approx(math.log(1025))
+    assert loss_verdict(COLLAPSED_AT_M0)[0] == "ok"  # it does not oscillate: rule 2 alone misses it
+    verdict, reason = loss_verdict(COLLAPSED_AT_M0, chance=chance)
+    assert verdict == "fail" and "collapsed to chance" in reason and "6.932" in reason
+    assert loss_verdict(RISING_AT_M09, chance=chance)[0] == "ok"
+    end_to_end = load_config("demo", ["model.mechanism=end_to_end", "optim.batch_size=64"])
+    assert chance_loss(end_to_end) == pytest.approx(math.log(64))
