@@ -325,13 +325,37 @@ def _already_complete(output: str, restore: IntactCheckpoint, total_steps: int) 
         f"{output} is already complete (step {restore.state.step} of {total_steps}); to train it longer, "
         f"give --resume {output} a larger --set training.epochs=N (or training.total_steps=N)"
     )
-    return {
+    summary = {
         "already_complete": True,
         "steps": restore.state.step,
         "total_steps": total_steps,
         "output": output,
         "checkpoint": restore.path,
     }
+    if read_json(output, SUMMARY) is None:
+        summary |= _finish_stopped_run(output, restore, summary)
+    return summary
+
+
+def _finish_stopped_run(output: str, restore: IntactCheckpoint, summary: dict[str, Any]) -> dict[str, Any]:
+    """A run stopped after its final checkpoint but before it finished: write what it lacks,
+    ``backbone.pt`` from that checkpoint and ``summary.json`` with the final logged loss and the
+    MLflow run (no final kNN: that needs the data)."""
+    import json
+
+    from ray.train import Checkpoint
+
+    rows = [json.loads(line) for line in (read_text(output, "metrics.jsonl") or "").splitlines() if line.strip()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    pointer = read_pointer(output) or {}
+    finished = {
+        "final_loss": losses[-1] if losses else None,
+        "mlflow_run_id": pointer.get("mlflow_run_id"),
+        "backbone": _export_backbone(Checkpoint(restore.path), output),
+    }
+    write_json(output, SUMMARY, {**summary, **finished})
+    note(f"{output} stopped after its final checkpoint: wrote its backbone and summary from it")
+    return finished
 
 
 def _stop_interrupted(output: str, tracker: Tracker, relay: ConsoleRelay | None) -> NoReturn:

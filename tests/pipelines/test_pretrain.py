@@ -90,6 +90,14 @@ def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards,
         "checkpoint": summary["checkpoint"],
     }
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    # A run stopped after its final checkpoint but before finishing: resuming writes what it lacked.
+    (tmp_path / "run" / "summary.json").unlink()
+    (tmp_path / "run" / "backbone.pt").unlink()
+    finished = run_pretraining(_config(tmp_path), [str(tmp_path / "gone")], str(tmp_path / "run"), resume=True)
+    assert finished["already_complete"] and finished["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert finished["final_loss"] == summary["final_loss"]
+    assert torch.load(finished["backbone"], weights_only=True).keys() == backbone.keys()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == finished
     restore = newest_intact_checkpoint(list_checkpoints(str(tmp_path / "run")))
     extended, _ = load_run_for_resume(str(tmp_path / "run"), ["training.epochs=3"])
     assert _finished_as_configured(restore, _config(tmp_path)) and not _finished_as_configured(restore, extended)
