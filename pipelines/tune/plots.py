@@ -72,11 +72,14 @@ def momentum_plot(output: Path, rows: list[dict[str, Any]]) -> Path | None:
     xs = [i for i, m in enumerate(values) if best[m] is not None]
     axes.plot(xs, [best[values[i]] for i in xs], marker="o")
     for i, m in enumerate(values):
-        if best[m] is None:
+        score = best[m]
+        if score is None:
             axes.annotate("fail", (i, 0), ha="center", va="bottom", color="red")
+        else:
+            axes.annotate(f"{score:.1f}", (i, score), textcoords="offset points", xytext=(0, -14), ha="center")
     axes.set_xticks(range(len(values)), [f"{m:g}" for m in values])
     axes.set(xlabel="momentum m", ylabel="top-1 (%)", title="MoCo: accuracy against the key encoder's momentum")
-    axes.set_ylim(bottom=0)
+    axes.set_ylim(0, 105)
     return _save(figure, output / MOMENTUM_PLOT)
 
 
