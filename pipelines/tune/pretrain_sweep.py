@@ -48,7 +48,7 @@ OSCILLATION_TOLERANCE = 0.05
 #: Fewest logged losses the oscillation rule judges.
 MIN_LOSSES = 4
 #: A last window whose mean loss is at least this share of the chance-level loss counts as collapsed.
-COLLAPSE_SHARE = 0.99
+COLLAPSE_SHARE = 0.995
 
 
 @dataclass(frozen=True)
