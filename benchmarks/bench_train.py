@@ -241,7 +241,7 @@ def _case(
                 rounds.setdefault(name, []).append(job(job_config, shards, warmup))
             finally:
                 ray.shutdown()
-    results: dict = {"corpus": corpus, "batch_size": batch_size, "repeats": repeats}
+    results: dict = {"corpus": corpus, "batch_size": batch_size}
     for name, runs in rounds.items():
         results[name] = {key: _median_of(runs, key) for key in runs[0]}
         results[name]["runs"] = [round(run["img_per_s"], 3) for run in runs]

@@ -47,7 +47,7 @@ from pipelines.pretrain.checkpoints import (
 )
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
 from pipelines.pretrain.plan import PretrainPlan
-from pipelines.pretrain.run_files import read_json, read_text, write_bytes, write_json, write_text
+from pipelines.pretrain.run_files import logged_losses, read_json, read_text, write_bytes, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
 from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, on_this_node, stop_ray
 from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
@@ -341,12 +341,9 @@ def _finish_stopped_run(output: str, restore: IntactCheckpoint, summary: dict[st
     """A run stopped after its final checkpoint but before it finished: write what it lacks,
     ``backbone.pt`` from that checkpoint and ``summary.json`` with the final logged loss and the
     MLflow run (no final kNN: that needs the data)."""
-    import json
-
     from ray.train import Checkpoint
 
-    rows = [json.loads(line) for line in (read_text(output, "metrics.jsonl") or "").splitlines() if line.strip()]
-    losses = [row["loss"] for row in rows if "loss" in row]
+    losses = logged_losses(output)
     pointer = read_pointer(output) or {}
     finished = {
         "final_loss": losses[-1] if losses else None,

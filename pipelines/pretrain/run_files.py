@@ -43,3 +43,12 @@ def write_json(run_dir: str, name: str, data: Any) -> None:
 def read_json(run_dir: str, name: str) -> Any | None:
     text = read_text(run_dir, name)
     return None if text is None else json.loads(text)
+
+
+def logged_losses(run_dir: str) -> list[float]:
+    """The run's logged pretext losses from ``metrics.jsonl``, in step order (a step a resumed run
+    logged again counts once, with its newest value)."""
+    text = read_text(run_dir, "metrics.jsonl") or ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    by_step = {row["step"]: float(row["loss"]) for row in rows if "loss" in row}
+    return [by_step[step] for step in sorted(by_step)]

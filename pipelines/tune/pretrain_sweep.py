@@ -27,6 +27,7 @@ from typing import Any
 from pipelines.config import ConfigError, apply_overrides, flatten
 from pipelines.console import note
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict
+from pipelines.pretrain.run_files import logged_losses
 from pipelines.tune.plots import mechanism_plot, momentum_plot
 from pipelines.tune.sweep import (
     TRIALS_DIR,
@@ -151,15 +152,6 @@ def loss_verdict(
     return "ok", f"last {count} logged losses: slope {slope:+.3g} per log step, swing {100 * swing:.0f}%"
 
 
-def _logged_losses(run_dir: Path) -> list[float]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by_step = {row["step"]: float(row["loss"]) for row in rows if "loss" in row}  # a resumed run logs a step again
-    return [by_step[step] for step in sorted(by_step)]
-
-
 def trial_overrides(kind: str, point: Point) -> dict[str, Any]:
     """The config keys a point sets."""
     return mechanism_overrides(point) if kind == "mechanism" else dict(point)
@@ -231,7 +223,7 @@ def pretrain_and_probe(plan: PretrainTrialPlan, point: Point) -> dict[str, Any]:
         row |= {"steps": summary.get("steps"), "mlflow_run_id": run_id}
         _tag_trial_run(row, summary.get("tracking_uri"))
         return row
-    verdict, why = loss_verdict(_logged_losses(run_dir), plan.oscillation_tolerance, chance=chance_loss(config))
+    verdict, why = loss_verdict(logged_losses(str(run_dir)), plan.oscillation_tolerance, chance=chance_loss(config))
     row: dict[str, Any] = {
         "status": verdict,
         "final_loss": summary.get("final_loss"),
