@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, measure_in_fresh_process
 from benchmarks.corpus import default_work_dir
 from pipelines.console import Progress, note
 from pipelines.ingest.schema import MANIFEST_NAME, SCHEMA_VERSION, SHARD_SCHEMA
@@ -138,16 +136,6 @@ def measure(path: str, layout: str) -> dict:
     return result
 
 
-def _measure_in_subprocess(path: Path, layout: str) -> dict:
-    code = (
-        f"import json; from benchmarks.bench_plan import measure; print(json.dumps(measure({str(path)!r}, {layout!r})))"
-    )
-    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    if finished.returncode != 0:
-        raise RuntimeError(f"bench plan: measuring {path} failed:\n{finished.stderr[-2000:]}")
-    return json.loads(finished.stdout.strip().splitlines()[-1])
-
-
 def run_plan_benchmark(
     work_dir: str | None = None, sizes: tuple[int, ...] = (1_000_000, 10_000_000, 100_000_000), footers: bool = True
 ) -> dict:
@@ -157,9 +145,13 @@ def run_plan_benchmark(
     for size in sizes:
         path = synthetic_collection(work, size)
         note(f"bench plan: measuring {size} images")
-        result = _measure_in_subprocess(path, "moco")
+        result = measure_in_fresh_process(
+            "benchmarks.bench_plan:measure", f"bench plan {size}", path=str(path), layout="moco"
+        )
         if footers:
-            baseline = _measure_in_subprocess(path, "parquet")
+            baseline = measure_in_fresh_process(
+                "benchmarks.bench_plan:measure", f"bench plan {size}", path=str(path), layout="parquet"
+            )
             result["footers_plan_s"] = baseline["plan_s"]
             result["footers_plan_rss_growth_mb"] = baseline["plan_rss_growth_mb"]
         by_size[str(size)] = result

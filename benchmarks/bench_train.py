@@ -15,9 +15,11 @@ For each view size, on a corpus of that kind of image (ImageNet-like JPEGs for 6
   other CPU, fed by the Ray Data stream.
 
 One statistic everywhere: images/s over the same steps (after ``warmup``), from per-step times
-for the loops and from the job's contiguous log windows; with ``repeats`` > 1 every path runs once
-per round, the rounds interleaved so slow spells of a shared machine hit them alike, and each
-figure is the median of its rounds. ``wall_s`` is the whole run of
+for the loops and from the job's contiguous log windows. Every path runs in a new Python process,
+as users run a script or ``moco pretrain`` (a job that followed other work in one process ran
+15-20% slower at 64 px; docs/BENCHMARKS.md). With ``repeats`` > 1 every path runs once per round,
+the rounds interleaved so slow spells of a shared machine hit them alike, and each figure is the
+median of its rounds. ``wall_s`` is the whole run of
 ``warmup + steps`` steps including start-up (for the job: planning, Ray Train and Ray Data start;
 the Ray cluster itself is started before).
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, measure_in_fresh_process
 from benchmarks.corpus import corpus_with_shards, default_work_dir, small_corpus_with_shards
 from benchmarks.official import official_two_crops
 from pipelines.console import Progress
@@ -161,7 +163,6 @@ def single_process(config, paths: list[Path], steps: int, warmup: int) -> dict:
     """One process: torchvision's official MoCo v2 transforms per image in the loop, then train_step."""
     from PIL import Image
 
-    torch.set_num_threads(torch.get_num_threads())
     two_crops = official_two_crops(config.augment.size, config.augment.crop_scale)
     batch = config.optim.batch_size
     order = np.random.default_rng(0).permutation(len(paths))
@@ -197,6 +198,28 @@ def job(config, shards: str, warmup: int) -> dict:
     }
 
 
+def measure_path(path: str, overrides: list[str], corpus: str, shards: str, steps: int, warmup: int) -> dict:
+    """One path, in this process (run by :func:`_case` in a fresh one)."""
+    from pipelines.pretrain.config import load_config
+
+    config = load_config("in1m-v2", overrides)
+    files = sorted(Path(corpus).glob("*/*.*"))
+    threads = 1  # the CPUs the job's trainer reserves (scaling.cpus_per_worker)
+    if path == "step_alone":
+        return step_alone(config, [file.read_bytes() for file in files[:64]], steps, warmup, threads)
+    if path == "bare_loop":
+        return bare_loop(config, files, steps, warmup, threads)
+    if path == "single_process":
+        return single_process(config, files, steps, warmup)
+    import ray
+
+    ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False, log_to_driver=False)
+    try:
+        return job(config, shards, warmup)
+    finally:
+        ray.shutdown()
+
+
 def _case(
     size: int,
     batch_size: int,
@@ -207,46 +230,42 @@ def _case(
     variant_cpus: tuple[float, ...],
     repeats: int,
 ) -> dict:
-    """Every baseline and the job at one view size, ``repeats`` interleaved rounds; each figure is
-    the median of its rounds (``runs`` keeps every round's ``img_per_s``)."""
-    import ray
-
-    from pipelines.pretrain.config import load_config
-
+    """Every baseline and the job at one view size, ``repeats`` interleaved rounds, each path in a
+    fresh process; each figure is the median of its rounds (``runs`` keeps every round's
+    ``img_per_s``)."""
     if size <= 32:
         corpus, shards = small_corpus_with_shards(work)
     else:
         corpus, shards = corpus_with_shards(work, num_images)
-    paths = sorted(Path(corpus["path"]).glob("*/*.*"))
     overrides = BENCH_OVERRIDES + [
         f"augment.size={size}",
         f"optim.batch_size={batch_size}",
         f"training.total_steps={steps + warmup}",
         f"training.log_every_steps={warmup}",
     ]
-    config = load_config("in1m-v2", overrides)
-    threads = 1  # the CPUs the job's trainer reserves (scaling.cpus_per_worker)
-    images = [path.read_bytes() for path in paths[:64]]
-    variants = {"job": config}
+    paths = {name: overrides for name in ("step_alone", "bare_loop", "single_process", "job")}
     for cpus in variant_cpus:
-        variants[f"job_cpus_{cpus:g}"] = load_config("in1m-v2", overrides + [f"scaling.cpus_per_worker={cpus:g}"])
+        paths[f"job_cpus_{cpus:g}"] = overrides + [f"scaling.cpus_per_worker={cpus:g}"]
     rounds: dict[str, list[dict]] = {}
     for _ in range(repeats):
-        rounds.setdefault("step_alone", []).append(step_alone(config, images, steps, warmup, threads))
-        rounds.setdefault("bare_loop", []).append(bare_loop(config, paths, steps, warmup, threads))
-        rounds.setdefault("single_process", []).append(single_process(config, paths, steps, warmup))
-        for name, job_config in variants.items():
-            ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False, log_to_driver=False)
-            try:
-                rounds.setdefault(name, []).append(job(job_config, shards, warmup))
-            finally:
-                ray.shutdown()
+        for name, path_overrides in paths.items():
+            result = measure_in_fresh_process(
+                "benchmarks.bench_train:measure_path",
+                f"bench train {size}px {name}",
+                path="job" if name.startswith("job") else name,
+                overrides=path_overrides,
+                corpus=corpus["path"],
+                shards=shards,
+                steps=steps,
+                warmup=warmup,
+            )
+            rounds.setdefault(name, []).append(result)
     results: dict = {"corpus": corpus, "batch_size": batch_size}
     for name, runs in rounds.items():
         results[name] = {key: _median_of(runs, key) for key in runs[0]}
         results[name]["runs"] = [round(run["img_per_s"], 3) for run in runs]
     baselines = ("step_alone", "bare_loop", "single_process")
-    for variant in variants:
+    for variant in (name for name in paths if name.startswith("job")):
         prefix = "" if variant == "job" else f"{variant}_"
         results[f"{prefix}ratios"] = {
             name: round(results[variant]["img_per_s"] / results[name]["img_per_s"], 3) for name in baselines

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,6 +30,19 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def measure_in_fresh_process(function: str, label: str, **kwargs: object) -> dict:
+    """``function(**kwargs)`` (``"module:name"``, returning a JSON-able dict) run in a new Python
+    process, as a user runs a script or a ``moco`` command: nothing an earlier measurement left
+    behind (threads, torch settings, a stopped Ray session, allocator state) helps or slows it.
+    Its progress lines (stderr) show as it runs."""
+    module, name = function.split(":")
+    code = f"import json, sys; from {module} import {name}; print(json.dumps({name}(**json.loads(sys.argv[1]))))"
+    finished = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], stdout=subprocess.PIPE, text=True)
+    if finished.returncode != 0:
+        raise RuntimeError(f"{label}: the measurement failed (exit {finished.returncode}); its output is above")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def synchronize(device: torch.device) -> None:

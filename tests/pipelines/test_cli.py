@@ -126,3 +126,11 @@ def test_bench_train_reports_the_median_of_its_rounds():
     rounds = [{"img_per_s": 90.0, "steps": 70}, {"img_per_s": 130.0, "steps": 70}, {"img_per_s": 100.0, "steps": 70}]
     assert _median_of(rounds, "img_per_s") == 100.0  # not the first round, not the mean (106.7)
     assert _median_of(rounds, "steps") == 70
+
+
+def test_a_bench_measurement_runs_in_a_new_process_and_a_failure_names_it():
+    from benchmarks.common import measure_in_fresh_process
+
+    assert measure_in_fresh_process("os:getpid", "bench test") != os.getpid()
+    with pytest.raises(RuntimeError, match="bench test: the measurement failed"):
+        measure_in_fresh_process("os:getpid", "bench test", unexpected=1)
