@@ -12,6 +12,9 @@ after the first batch, over every batch of ``epochs`` epochs):
   reader lanes -> ``ViewStream.training_batches`` -> ``prepare_model_input`` (normalisation)
   in the consuming process, with ``augment.blur=pil``.
 
+Every measurement runs in a fresh process (as a user's training script does), in ``repeats``
+interleaved rounds whose medians are reported.
+
 ``ratio`` = (c) / (a); ``efficiency`` = (c) / ((b) x workers). Reported beside them, not instead
 of them: (c) with our default discrete Gaussian blur (``variants.gaussian_blur``), and with the
 photometric part batched on the training device (``variants.photometric_device``, which on this
@@ -28,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info
+from benchmarks.common import machine_info, measure_in_fresh_process, median_of
 from benchmarks.corpus import corpus_with_shards
 from benchmarks.official import official_two_crops
 from moco_core.augment import AugmentConfig
@@ -136,6 +139,81 @@ def _load_image_bytes(corpus: str, limit: int) -> list[bytes]:
     return [path.read_bytes() for path in paths]
 
 
+#: the variants of our augmentation measured, as changes to the like-for-like one
+VARIANTS: dict[str, dict[str, str]] = {
+    "like_for_like": {},
+    "gaussian_blur": {"blur": "gaussian"},
+    "photometric_device": {"blur": "gaussian", "photometric": "device"},
+}
+
+
+def _augment(size: int, variant: str) -> AugmentConfig:
+    return replace(AugmentConfig(recipe="v2", size=size, photometric="cpu", blur="pil"), **VARIANTS[variant])
+
+
+def measure_path(
+    path: str,
+    variant: str,
+    size: int,
+    corpus: str,
+    shards: str,
+    workers: int,
+    batch_size: int,
+    epochs: int,
+    single_process_images: int,
+) -> dict:
+    """One measurement in this process (run by :func:`run_ingest_benchmark` in a fresh one):
+    ``path`` is ``official`` (a), ``single`` (b) or ``ours`` (c)."""
+    config = _augment(size, variant)
+    if path == "official":
+        return {"img_per_s": official_loader_throughput(corpus, size, workers, batch_size, epochs)}
+    if path == "single":
+        result = {"img_per_s": single_process_throughput(_load_image_bytes(corpus, single_process_images), config)}
+        if config.photometric == "device":
+            result["consumer_ms_per_img"] = consumer_cost_ms_per_image(config, batch_size)
+        return result
+    import ray
+
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    quiet_ray_data()
+    try:
+        return ray_pipeline_throughput(shards, config, workers, batch_size, epochs)
+    finally:
+        ray.shutdown()
+
+
+def _size_summary(rounds: dict[tuple[str, str], list[dict]], workers: int) -> dict:
+    """One size's figures: the medians of its rounds, ratios of those medians, every round's img/s."""
+
+    def median(path: str, variant: str = "like_for_like", key: str = "img_per_s") -> float:
+        return median_of(rounds[(path, variant)], key)
+
+    official, ours, single = median("official"), median("ours"), median("single")
+    return {
+        "official_img_per_s": official,
+        "ours_img_per_s": ours,
+        "ratio": round(ours / official, 3),
+        "single_process_img_per_s": single,
+        "efficiency": round(ours / (single * workers), 3),
+        "runs": {
+            f"{path}_{variant}": [round(run["img_per_s"], 1) for run in runs]
+            for (path, variant), runs in rounds.items()
+        },
+        "variants": {
+            "gaussian_blur": {
+                "ours_img_per_s": median("ours", "gaussian_blur"),
+                "single_process_img_per_s": median("single", "gaussian_blur"),
+            },
+            "photometric_device": {
+                "ours_img_per_s": median("ours", "photometric_device"),
+                "single_process_img_per_s": median("single", "photometric_device"),
+                "consumer_ms_per_img": median("single", "photometric_device", "consumer_ms_per_img"),
+            },
+        },
+        "skipped": max(run["counters"]["skipped"] for run in rounds[("ours", "like_for_like")]),
+    }
+
+
 def run_ingest_benchmark(
     work_dir: str | None = None,
     num_images: int = 2000,
@@ -144,13 +222,21 @@ def run_ingest_benchmark(
     batch_size: int = 256,
     epochs: int = 2,
     single_process_images: int = 300,
+    repeats: int = 1,
 ) -> dict:
-    """Build (or reuse) the corpus and its shards, then measure (a), (b) and (c) at each size."""
-    import ray
-
+    """Build (or reuse) the corpus and its shards, then measure (a), (b) and (c) at each size,
+    every measurement in a fresh process, in ``repeats`` interleaved rounds (medians reported;
+    ``runs`` keeps every round)."""
     corpus, shards_dir = corpus_with_shards(work_dir, num_images)
-    raw_images = _load_image_bytes(corpus["path"], single_process_images)
-
+    settings = {
+        "corpus": corpus["path"],
+        "shards": shards_dir,
+        "workers": workers,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "single_process_images": single_process_images,
+    }
+    paths = [("official", "like_for_like")] + [(path, variant) for variant in VARIANTS for path in ("ours", "single")]
     results: dict = {
         "benchmark": "ingest",
         "config": {
@@ -158,6 +244,7 @@ def run_ingest_benchmark(
             "workers": workers,
             "batch_size": batch_size,
             "epochs": epochs,
+            "repeats": repeats,
             "recipe": "v2",
             "corpus_mean_kb": corpus["mean_kb"],
             "shards": shards_dir,
@@ -165,39 +252,21 @@ def run_ingest_benchmark(
         "machine": machine_info(torch.device("cpu")),
         "by_size": {},
     }
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    quiet_ray_data()
-    try:
-        for size in sizes:
-            like_for_like = AugmentConfig(recipe="v2", size=size, photometric="cpu", blur="pil")
-            official = official_loader_throughput(corpus["path"], size, workers, batch_size, epochs)
-            single = single_process_throughput(raw_images, like_for_like)
-            ours = ray_pipeline_throughput(shards_dir, like_for_like, workers, batch_size, epochs)
-            gaussian = replace(like_for_like, blur="gaussian")
-            ours_gaussian = ray_pipeline_throughput(shards_dir, gaussian, workers, batch_size, epochs)
-            on_device = replace(gaussian, photometric="device")
-            ours_device = ray_pipeline_throughput(shards_dir, on_device, workers, batch_size, epochs)
-            results["by_size"][str(size)] = {
-                "official_img_per_s": round(official, 1),
-                "ours_img_per_s": round(ours["img_per_s"], 1),
-                "ratio": round(ours["img_per_s"] / official, 3),
-                "single_process_img_per_s": round(single, 1),
-                "efficiency": round(ours["img_per_s"] / (single * workers), 3),
-                "variants": {
-                    "gaussian_blur": {
-                        "ours_img_per_s": round(ours_gaussian["img_per_s"], 1),
-                        "single_process_img_per_s": round(single_process_throughput(raw_images, gaussian), 1),
-                    },
-                    "photometric_device": {
-                        "ours_img_per_s": round(ours_device["img_per_s"], 1),
-                        "single_process_img_per_s": round(single_process_throughput(raw_images, on_device), 1),
-                        "consumer_ms_per_img": round(consumer_cost_ms_per_image(on_device, batch_size), 3),
-                    },
-                },
-                "skipped": ours["counters"]["skipped"],
-            }
-    finally:
-        ray.shutdown()
+    for size in sizes:
+        rounds: dict[tuple[str, str], list[dict]] = {}
+        for _ in range(repeats):
+            for path, variant in paths:
+                result = measure_in_fresh_process(
+                    "benchmarks.bench_ingest:measure_path",
+                    f"bench ingest {size}px {path} {variant}",
+                    path=path,
+                    variant=variant,
+                    size=size,
+                    **settings,
+                )
+                rounds.setdefault((path, variant), []).append(result)
+
+        results["by_size"][str(size)] = _size_summary(rounds, workers)
     headline = results["by_size"][str(sizes[0])]
     results["ratio"] = headline["ratio"]
     results["efficiency"] = headline["efficiency"]

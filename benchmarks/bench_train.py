@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, measure_in_fresh_process
+from benchmarks.common import machine_info, measure_in_fresh_process, median_of
 from benchmarks.corpus import corpus_with_shards, default_work_dir, small_corpus_with_shards
 from benchmarks.official import official_two_crops
 from pipelines.console import Progress
@@ -262,7 +262,7 @@ def _case(
             rounds.setdefault(name, []).append(result)
     results: dict = {"corpus": corpus, "batch_size": batch_size}
     for name, runs in rounds.items():
-        results[name] = {key: _median_of(runs, key) for key in runs[0]}
+        results[name] = {key: median_of(runs, key) for key in runs[0]}
         results[name]["runs"] = [round(run["img_per_s"], 3) for run in runs]
     baselines = ("step_alone", "bare_loop", "single_process")
     for variant in (name for name in paths if name.startswith("job")):
@@ -271,13 +271,6 @@ def _case(
             name: round(results[variant]["img_per_s"] / results[name]["img_per_s"], 3) for name in baselines
         }
     return results
-
-
-def _median_of(runs: list[dict], key: str):
-    """The median of a float field over the rounds (rounded); other fields from the first round."""
-    if not isinstance(runs[0][key], float):
-        return runs[0][key]
-    return round(float(np.median([run[key] for run in runs])), 3)
 
 
 def run_train_benchmark(

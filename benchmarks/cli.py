@@ -120,6 +120,12 @@ def _add_ingest(benches: argparse._SubParsersAction, common: argparse.ArgumentPa
         default=300,
         help="images timed for the single-process figure (default: 300)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="interleaved rounds of every measurement; figures are the medians of the rounds (default: 1)",
+    )
     parser.set_defaults(handler=_run_ingest)
 
 
@@ -134,6 +140,7 @@ def _run_ingest(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         epochs=args.epochs,
         single_process_images=args.single_process_images,
+        repeats=args.repeats,
     )
 
 

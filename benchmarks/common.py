@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +44,14 @@ def measure_in_fresh_process(function: str, label: str, **kwargs: object) -> dic
     if finished.returncode != 0:
         raise RuntimeError(f"{label}: the measurement failed (exit {finished.returncode}); its output is above")
     return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def median_of(runs: list[dict], key: str):
+    """The median of a float field over measurement rounds (rounded to 3 places); any other field
+    is taken from the first round."""
+    if not isinstance(runs[0][key], float):
+        return runs[0][key]
+    return round(statistics.median(run[key] for run in runs), 3)
 
 
 def synchronize(device: torch.device) -> None:

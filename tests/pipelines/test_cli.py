@@ -121,11 +121,11 @@ def test_arrow_allocator_keeps_freed_pages_unless_the_user_says_otherwise():
 
 
 def test_bench_train_reports_the_median_of_its_rounds():
-    from benchmarks.bench_train import _median_of
+    from benchmarks.common import median_of
 
     rounds = [{"img_per_s": 90.0, "steps": 70}, {"img_per_s": 130.0, "steps": 70}, {"img_per_s": 100.0, "steps": 70}]
-    assert _median_of(rounds, "img_per_s") == 100.0  # not the first round, not the mean (106.7)
-    assert _median_of(rounds, "steps") == 70
+    assert median_of(rounds, "img_per_s") == 100.0  # not the first round, not the mean (106.7)
+    assert median_of(rounds, "steps") == 70
 
 
 def test_a_bench_measurement_runs_in_a_new_process_and_a_failure_names_it():
