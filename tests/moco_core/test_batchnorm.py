@@ -172,17 +172,32 @@ def _resolved_mode() -> str:
     return resolve_batchnorm_mode("auto")
 
 
-def test_fused_and_reference_split_bn_agree_including_running_statistics():
-    from moco_core.batchnorm import _split_batch_norm_by_blocks, _SplitBatchNormFunction
+def _one_pass_forms():
+    from moco_core.batchnorm import _split_batch_norm_batched, _SplitBatchNormFunction
+
+    return {"out= blocks (CPU)": _SplitBatchNormFunction.apply, "batched (other devices)": _split_batch_norm_batched}
+
+
+@pytest.mark.parametrize("form", ["out= blocks (CPU)", "batched (other devices)"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_split_bn_form_agrees_with_the_per_block_reference(form, memory_format, dtype):
+    """Output, running statistics, every gradient and the memory format, against per-block
+    F.batch_norm + cat."""
+    from moco_core.batchnorm import _split_batch_norm_by_blocks
 
     torch.manual_seed(6)
-    x = torch.randn(12, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    x = (torch.randn(12, 4, 5, 3) * 3 + 1).to(dtype).contiguous(memory_format=memory_format)
     weight, bias = torch.rand(4) + 0.5, torch.randn(4)
-    outputs, statistics = [], []
-    for function in (_SplitBatchNormFunction.apply, _split_batch_norm_by_blocks):
+    grad = torch.randn(12, 4, 5, 3).to(dtype) * torch.arange(12.0).view(12, 1, 1, 1).to(dtype)
+    results = []
+    for function in (_one_pass_forms()[form], _split_batch_norm_by_blocks):
+        inputs = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
         means, variances = torch.zeros(3, 4), torch.ones(3, 4)
-        outputs.append(function(x, weight, bias, means, variances, 0.1, 1e-5, 3))
-        statistics.append((means, variances))
-    torch.testing.assert_close(outputs[0], outputs[1])
-    torch.testing.assert_close(statistics[0][0], statistics[1][0])
-    torch.testing.assert_close(statistics[0][1], statistics[1][1])
+        output = function(*inputs, means, variances, 0.1, 1e-5, 3)
+        output.backward(grad)
+        assert output.dtype == dtype and output.is_contiguous(memory_format=memory_format)
+        results.append([output, means, variances] + [tensor.grad for tensor in inputs])
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for mine, reference in zip(*results):
+        torch.testing.assert_close(mine.float(), reference.float(), **tolerance)
