@@ -114,6 +114,7 @@ class TrainingSection:
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: the faster here (timed on CPUs), bf16 on GPUs
     channels_last: bool = True
+    compile: Literal["auto", "encoders", "none"] = "auto"  # auto: encoders on CUDA, none elsewhere
     log_every_steps: int = 10
     torch_threads: int = 0  # 0: the CPUs the worker reserves (scaling.cpus_per_worker), at least 1
 

@@ -36,7 +36,13 @@ from moco_core.mechanisms import ContrastiveModel
 from moco_core.model import build_model
 from moco_core.photometric import normalize_batch, prepare_model_input
 from moco_core.schedules import build_lr_schedule, build_momentum_schedule
-from moco_core.training import ComputeSettings, build_optimizer, forward_backward_seconds, train_step
+from moco_core.training import (
+    ComputeSettings,
+    build_optimizer,
+    compile_encoders,
+    forward_backward_seconds,
+    train_step,
+)
 from pipelines.console import format_duration, note
 from pipelines.filesystems import join, resolve_filesystem
 from pipelines.ingest.stream import (
@@ -114,6 +120,14 @@ def compute_settings(
     return ComputeSettings(dtype, channels_last), f"faster here ({timing} per forward+backward of {len(probe)})"
 
 
+def compiles_encoders(config: PretrainConfig, device: torch.device) -> bool:
+    """``training.compile``: ``auto`` compiles the encoders on CUDA (where it pays: docs/BENCHMARKS.md)
+    and not on CPUs, where compiling takes minutes and was not measured to pay."""
+    if config.training.compile == "auto":
+        return device.type == "cuda"
+    return config.training.compile == "encoders"
+
+
 @dataclass
 class _Window:
     """Timing of the steps since the last log line."""
@@ -150,6 +164,10 @@ class PretrainRunner:
         if self.settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
+        if compiles_encoders(config, self.device):
+            compile_encoders(self.model)
+            if self.rank == 0:
+                note("torch.compile: the encoders are compiled during the first steps (training.compile)")
         self.optimizer = build_optimizer(self.model, config.optim.weight_decay, config.optim.sgd_momentum)
         milestones = [int(round(epoch * plan.steps_per_epoch)) for epoch in config.optim.milestones]
         self.lr = build_lr_schedule(

@@ -289,3 +289,32 @@ def test_forward_backward_seconds_gives_up_on_a_clearly_slower_candidate():
     encoder.register_forward_hook(lambda module, inputs, output: calls.append(1))
     forward_backward_seconds(encoder, torch.randn(2, 3, 8, 8), ComputeSettings(), repeats=3, give_up_after=0.0)
     assert len(calls) == 1  # the untimed pass already took longer than allowed
+
+
+def test_compiled_encoders_keep_state_dict_keys_and_train_like_eager_ones():
+    """training.compile: the same keys (checkpoints load either way) and the same steps, momentum
+    update and queue included (aot_eager: dynamo and autograd tracing without a C++ compiler)."""
+    from moco_core.training import compile_encoders
+
+    config = ModelConfig(**TINY)
+    states, models = [], []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(config)
+        if compiled:
+            compile_encoders(model, backend="aot_eager")
+        optimizer = build_optimizer(model)
+        batches = synthetic_views(8, 16, seed=2)(8)
+        losses = []
+        for _ in range(2):
+            query, key, _ = next(batches)
+            losses.append(train_step(model, optimizer, query, key, lr=0.05, momentum=0.9).loss.item())
+        states.append((losses, model.state_dict()))
+        models.append(model)
+    (eager_losses, eager_state), (compiled_losses, compiled_state) = states
+    assert list(compiled_state) == list(eager_state)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert int(models[1].queue.pointer) == 16
+    models[0].load_state_dict(compiled_state)  # a compiled run's checkpoint loads into an eager model

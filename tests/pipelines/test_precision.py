@@ -1,4 +1,5 @@
-"""training.precision: explicit values are obeyed; auto on a CPU keeps what a timed probe found faster."""
+"""training.precision: explicit values are obeyed; auto on a CPU keeps what a timed probe found faster.
+training.compile: auto compiles on CUDA only."""
 
 import pytest
 import torch
@@ -41,3 +42,12 @@ def test_explicit_precision_is_obeyed_without_probing(monkeypatch, precision, ex
     monkeypatch.setattr(worker, "forward_backward_seconds", lambda *args, **kwargs: pytest.fail("probed"))
     settings, _ = worker.compute_settings(config, torch.device("cpu"), build_model(config.model))
     assert settings.autocast_dtype is expected
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [("auto", "cuda", True), ("auto", "cpu", False), ("encoders", "cpu", True), ("none", "cuda", False)],
+)
+def test_training_compile_is_on_for_cuda_by_default_and_obeyed_when_set(setting, device, expected):
+    config = load_config("demo", [f"training.compile={setting}"])
+    assert worker.compiles_encoders(config, torch.device(device)) is expected
