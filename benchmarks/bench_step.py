@@ -17,7 +17,7 @@ from benchmarks.common import interleaved_throughput, machine_info, median_milli
 from moco_core.encoders import Encoder, build_backbone
 from moco_core.model import ModelConfig, build_model
 from moco_core.momentum import make_momentum_copy, momentum_update
-from moco_core.training import ComputeSettings, build_optimizer, train_step
+from moco_core.training import ComputeSettings, build_optimizer, compile_encoders, train_step
 
 
 @torch.no_grad()
@@ -28,12 +28,14 @@ def _per_parameter_momentum_update(query_encoder: torch.nn.Module, momentum_enco
 
 
 def _supervised_step(
-    arch: str, small_image_stem: bool, images: torch.Tensor, settings: ComputeSettings
+    arch: str, small_image_stem: bool, images: torch.Tensor, settings: ComputeSettings, compile: bool = False
 ) -> Callable[[], None]:
     backbone, feature_dim = build_backbone(arch, small_image_stem)
     model = torch.nn.Sequential(backbone, torch.nn.Linear(feature_dim, 1000)).to(images.device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     labels = torch.randint(0, 1000, (images.shape[0],), device=images.device)
 
@@ -48,10 +50,14 @@ def _supervised_step(
     return step
 
 
-def _moco_step(config: ModelConfig, images: torch.Tensor, settings: ComputeSettings) -> Callable[[], None]:
+def _moco_step(
+    config: ModelConfig, images: torch.Tensor, settings: ComputeSettings, compile: bool = False
+) -> Callable[[], None]:
     model = build_model(config).to(images.device)
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        compile_encoders(model)
     optimizer = build_optimizer(model)
     key_view = images.flip(0)
 
@@ -93,12 +99,15 @@ def run_step_benchmark(
     rounds: int = 3,
     include_fp32: bool = True,
     ema_archs: Sequence[str] = ("resnet18", "resnet50"),
+    compile: bool = False,
 ) -> dict:
     """Measure supervised vs MoCo training-step throughput (img/s) and EMA update time.
 
     All step functions are timed in interleaved rounds (median reported). The MoCo/supervised
     ``ratio`` uses the first queue size and the device's best settings (bf16 autocast +
-    channels_last where supported); ``fp32`` repeats both without them.
+    channels_last where supported); ``fp32`` repeats both without them. With ``compile`` both
+    sides run under ``torch.compile`` (the supervised model; MoCo's encoders, as
+    ``training.compile`` does), compilation in the warm-up steps.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -119,9 +128,9 @@ def run_step_benchmark(
             bn_splits=bn_splits,
         )  # type: ignore[arg-type]
 
-    steps_by_name = {"supervised": _supervised_step(arch, small_image_stem, images, best)}
+    steps_by_name = {"supervised": _supervised_step(arch, small_image_stem, images, best, compile)}
     for k in queue_sizes:
-        steps_by_name[f"moco_k{k}"] = _moco_step(moco_config(k), images, best)
+        steps_by_name[f"moco_k{k}"] = _moco_step(moco_config(k), images, best, compile)
     if include_fp32:
         fp32 = ComputeSettings(autocast_dtype=None, channels_last=False)
         steps_by_name["supervised_fp32"] = _supervised_step(arch, small_image_stem, images, fp32)
@@ -141,6 +150,7 @@ def run_step_benchmark(
             "warmup": warmup,
             "steps": steps,
             "rounds": rounds,
+            "compile": compile,
         },
         "machine": machine_info(torch_device),
         "settings": {"autocast_dtype": precision, "channels_last": best.channels_last},

@@ -54,6 +54,12 @@ def _add_step(benches: argparse._SubParsersAction, common: argparse.ArgumentPars
     parser.add_argument("--small-image-stem", action="store_true", help="use the 3x3 stride-1 CIFAR stem")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="both sides under torch.compile (supervised model; MoCo's encoders, as training.compile does); "
+        "compilation happens in the warm-up steps",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (default: 2)")
     parser.add_argument(
         "--steps", type=positive_int, default=3, help="timed steps per configuration and round (default: 3)"
@@ -89,6 +95,7 @@ def _run_step(args: argparse.Namespace) -> dict:
         rounds=args.rounds,
         include_fp32=not args.no_fp32,
         ema_archs=args.ema_archs,
+        compile=args.compile,
     )
 
 
