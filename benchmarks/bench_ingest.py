@@ -9,8 +9,8 @@ after the first batch, over every batch of ``epochs`` epochs):
   processes, shuffled) + ``TwoCropsTransform``;
 * (b) our per-image decode + two-view function alone, in one process on one core;
 * (c) our stream as ``moco pretrain`` runs it: Parquet shards from ``moco shard`` -> ``workers``
-  reader lanes -> ``ViewStream.training_batches`` -> ``prepare_model_input`` (normalisation)
-  in the consuming process, with ``augment.blur=pil``.
+  reader lanes -> ``ViewStream.training_batches`` -> ``prepare_model_input`` (normalisation,
+  into reused buffers as the training worker does) in the consuming process, with ``augment.blur=pil``.
 
 Every measurement runs in a fresh process (as a user's training script does), in ``repeats``
 interleaved rounds whose medians are reported.
@@ -35,7 +35,7 @@ from benchmarks.common import machine_info, measure_in_fresh_process, median_of
 from benchmarks.corpus import corpus_with_shards
 from benchmarks.official import official_two_crops
 from moco_core.augment import AugmentConfig
-from moco_core.photometric import prepare_model_input
+from moco_core.photometric import InputBuffers, prepare_model_input
 from pipelines.console import Progress
 from pipelines.ray_runtime import quiet_ray_data
 
@@ -104,10 +104,11 @@ def ray_pipeline_throughput(shards: str, config: AugmentConfig, readers: int, ba
         window_rows=lane_window(layout, batch_size),
     )
     generator = torch.Generator().manual_seed(0)
+    inputs = InputBuffers()  # as the training worker prepares its batches
 
     def model_input(batch: dict) -> int:
-        prepare_model_input(batch["query"], config, generator)
-        prepare_model_input(batch["key"], config, generator)
+        inputs.prepare("query", batch["query"], config, generator)
+        inputs.prepare("key", batch["key"], config, generator)
         return batch["query"].shape[0]
 
     throughput = _timed_consumption(

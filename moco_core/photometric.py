@@ -52,7 +52,10 @@ def _normalize_unit_(images: torch.Tensor, mean: Sequence[float], std: Sequence[
 
 
 def normalize_batch(
-    views: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    views: torch.Tensor,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 views -> float32 model input ``(views / 255 - mean) / std``, per channel.
 
@@ -64,14 +67,48 @@ def normalize_batch(
     Args:
         views: uint8 RGB views.
         mean, std: per-channel (R, G, B) statistics of [0, 1] pixels; ImageNet's by default.
+        out: a float32 (N, 3, H, W) tensor to write into and return (see :class:`InputBuffers`).
 
     Shape:
         views: (N, 3, H, W) or (N, H, W, 3) uint8 -> (N, 3, H, W) float32
     """
-    images = _channels_first(views).to(torch.float32)
-    mean_level = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    inv_std_level = 1.0 / (torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255.0)
-    return images.sub_(mean_level).mul_(inv_std_level)
+    channels_first = _channels_first(views)
+    if out is None:
+        out = torch.empty_like(channels_first, dtype=torch.float32)
+    elif out.shape != channels_first.shape or out.dtype != torch.float32:
+        raise ValueError(
+            f"out must be float32 of shape {tuple(channels_first.shape)}, got {out.dtype} {tuple(out.shape)}"
+        )
+    scale = 1.0 / (torch.tensor(std, device=out.device).view(1, 3, 1, 1) * 255.0)
+    shift = -torch.tensor(mean, device=out.device).view(1, 3, 1, 1) * 255.0 * scale
+    out.copy_(channels_first)
+    return torch.addcmul(shift, out, scale, out=out)
+
+
+class InputBuffers:
+    """Reused float32 outputs of :func:`prepare_model_input` for a stream of same-shaped batches.
+
+    On a CPU a fresh output of a large batch (150 MB for 256 views of 224 px) is mapped from the
+    OS and faulted in page by page, which took longer than the normalisation itself (130-190 ms
+    against 50 ms per such batch on our 2-core VM; docs/BENCHMARKS.md). Each ``name`` keeps one
+    buffer, overwritten by the next batch of that name: use a name per view that must be alive
+    at the same time (``query``, ``key``). Elsewhere (GPUs have a caching allocator, and the
+    batched photometric path makes its own tensors) this is plain :func:`prepare_model_input`.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def prepare(
+        self, name: str, views: torch.Tensor, config: AugmentConfig, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        if views.device.type != "cpu" or config.photometric == "device":
+            return prepare_model_input(views, config, generator)
+        layout = _channels_first(views)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != layout.shape or buffer.stride() != layout.stride():
+            buffer = self._buffers[name] = torch.empty_like(layout, dtype=torch.float32)
+        return normalize_batch(views, config.mean, config.std, out=buffer)
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from moco_core.knn import extract_features, knn_top1
 from moco_core.loss import ContrastiveLoss
 from moco_core.mechanisms import ContrastiveModel
 from moco_core.model import build_model
-from moco_core.photometric import normalize_batch, prepare_model_input
+from moco_core.photometric import InputBuffers, normalize_batch
 from moco_core.schedules import build_lr_schedule, build_momentum_schedule
 from moco_core.training import (
     ComputeSettings,
@@ -181,6 +181,7 @@ class PretrainRunner:
         )
         self.momentum = build_momentum_schedule(config.momentum.schedule, config.momentum.base, self.total_steps)
         self.generator = torch.Generator().manual_seed(config.training.seed * 1000 + self.rank)
+        self.inputs = InputBuffers()
         self.state = TrainingState(total_steps=self.total_steps, mlflow_run_id=plan.mlflow_run_id)
         self.progress = StreamProgress(plan.layout.total_lanes)
         self.restored = self._restore()
@@ -372,8 +373,10 @@ class PretrainRunner:
 
     def _step(self, batch: dict[str, torch.Tensor]) -> ContrastiveLoss:
         step = self.state.step
-        query = prepare_model_input(batch["query"].to(self.device, non_blocking=True), self.augment, self.generator)
-        key = prepare_model_input(batch["key"].to(self.device, non_blocking=True), self.augment, self.generator)
+        query, key = (
+            self.inputs.prepare(name, batch[name].to(self.device, non_blocking=True), self.augment, self.generator)
+            for name in ("query", "key")
+        )
         indices = batch["index"] if self.config.model.mechanism == "memory_bank" else None
         return train_step(
             self.ddp_model,

@@ -139,6 +139,27 @@ def test_normalize_batch_matches_the_formula_and_keeps_layout():
         normalize_batch(views[..., :2])
 
 
+def test_input_buffers_reuse_one_output_per_name_with_the_same_values():
+    from moco_core.photometric import InputBuffers
+
+    buffers, config = InputBuffers(), AugmentConfig(photometric="cpu")
+    first, second = _colourful_batch(4, size=10), _colourful_batch(4, size=10).flip(0).contiguous()
+    query = buffers.prepare("query", first, config)
+    torch.testing.assert_close(query, normalize_batch(first))
+    assert query.is_contiguous(memory_format=torch.channels_last)
+    key = buffers.prepare("key", second, config)
+    assert key.data_ptr() != query.data_ptr()  # both alive in one step
+    again = buffers.prepare("query", second, config)
+    assert again.data_ptr() == query.data_ptr()  # the next batch overwrites the last one of its name
+    torch.testing.assert_close(again, normalize_batch(second))
+    smaller = buffers.prepare("query", first[:2], config)  # a short last batch gets its own buffer
+    torch.testing.assert_close(smaller, normalize_batch(first[:2]))
+    on_device = buffers.prepare("query", first, AugmentConfig(photometric="device"), torch.Generator().manual_seed(1))
+    assert on_device.data_ptr() != smaller.data_ptr()
+    with pytest.raises(ValueError, match="out must be float32"):
+        normalize_batch(first, out=torch.empty(3, 3, 10, 10))
+
+
 def test_normalize_batch_takes_the_dataset_statistics():
     views = _colourful_batch(4, size=10)
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
