@@ -118,12 +118,15 @@ def _split_batch_norm_by_blocks(input, weight, bias, running_means, running_vars
     return torch.cat(blocks)
 
 
-def _split_batch_norm_batched(input, weight, bias, running_means, running_vars, momentum, eps, num_splits):  # noqa: ANN001
+def _split_batch_norm_batched(input, weight, bias, running_mean, running_var, momentum, eps, num_splits):  # noqa: ANN001
     """Every sub-batch in one pass: the batch viewed as (S, N/S, C, H, W) (a view in both memory
     formats), per-(split, channel) statistics from one reduction, one fused scale-and-shift. A
     fixed number of kernels per layer whatever S is, where the per-block forms launch S of each
     (on a GPU the launches, not the arithmetic, are the cost; the official demo's reshape to
-    (N/S, C*S, H, W) does the same for NCHW only). Statistics in fp32 for half-precision inputs."""
+    (N/S, C*S, H, W) does the same for NCHW only), and ``torch.compile`` can trace it.
+    Statistics in fp32 for half-precision inputs. ``running_mean``/``running_var`` (C,) move
+    towards the average of the sub-batches' statistics, which is the average of per-block updates.
+    """
     n, c, h, w = input.shape
     blocks = input.view(num_splits, n // num_splits, c, h, w)
     exact = blocks.float() if blocks.dtype in (torch.float16, torch.bfloat16) else blocks
@@ -135,12 +138,12 @@ def _split_batch_norm_batched(input, weight, bias, running_means, running_vars, 
     if bias is not None:
         shift = shift + bias.view(1, 1, c, 1, 1)
     output = torch.addcmul(shift, exact, scale).to(input.dtype)
-    if running_means is not None and running_vars is not None:
+    if running_mean is not None and running_var is not None:
         count = blocks[0].numel() // c
         with torch.no_grad():
-            running_means.lerp_(mean.view(num_splits, c).to(running_means.dtype), momentum)
-            unbiased = variance.view(num_splits, c) * (count / max(count - 1, 1))
-            running_vars.lerp_(unbiased.to(running_vars.dtype), momentum)
+            running_mean.lerp_(mean.view(num_splits, c).mean(dim=0).to(running_mean.dtype), momentum)
+            unbiased = variance.view(num_splits, c).mean(dim=0) * (count / max(count - 1, 1))
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
     return output.reshape(n, c, h, w)
 
 
@@ -176,17 +179,20 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             )
         momentum = 0.1 if self.momentum is None else self.momentum
         running_mean, running_var = self.running_mean, self.running_var
+        tracking = self.track_running_stats and running_mean is not None and running_var is not None
+        if tracking and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        if input.device.type != "cpu" or torch.compiler.is_compiling():
+            stats = (running_mean, running_var) if tracking else (None, None)
+            return _split_batch_norm_batched(input, self.weight, self.bias, *stats, momentum, self.eps, self.num_splits)
+        # On a CPU, eager: the per-block fused kernels written into one output (measured fastest there).
         running_means = running_vars = None
-        if self.track_running_stats and running_mean is not None and running_var is not None:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-            running_means = running_mean.repeat(self.num_splits, 1)  # S x C, updated per block
-            running_vars = running_var.repeat(self.num_splits, 1)  # S x C
-        arguments = (self.weight, self.bias, running_means, running_vars, momentum, self.eps, self.num_splits)
-        if input.device.type == "cpu":  # measured fastest there (docs/BENCHMARKS.md)
-            output = _SplitBatchNormFunction.apply(input, *arguments)
-        else:
-            output = _split_batch_norm_batched(input, *arguments)
+        if tracking:
+            running_means = running_mean.repeat(self.num_splits, 1)  # type: ignore[union-attr]  # S x C, per block
+            running_vars = running_var.repeat(self.num_splits, 1)  # type: ignore[union-attr]  # S x C
+        output = _SplitBatchNormFunction.apply(
+            input, self.weight, self.bias, running_means, running_vars, momentum, self.eps, self.num_splits
+        )
         if running_means is not None and running_vars is not None:
             with torch.no_grad():
                 running_mean.copy_(running_means.mean(dim=0))  # type: ignore[union-attr]

@@ -293,7 +293,8 @@ def test_forward_backward_seconds_gives_up_on_a_clearly_slower_candidate():
 
 def test_compiled_encoders_keep_state_dict_keys_and_train_like_eager_ones():
     """training.compile: the same keys (checkpoints load either way) and the same steps, momentum
-    update and queue included (aot_eager: dynamo and autograd tracing without a C++ compiler)."""
+    update, split BN's running statistics and queue included (aot_eager: dynamo and autograd
+    tracing without a C++ compiler; inductor was checked by hand on this CPU)."""
     from moco_core.training import compile_encoders
 
     config = ModelConfig(**TINY)
@@ -315,6 +316,10 @@ def test_compiled_encoders_keep_state_dict_keys_and_train_like_eager_ones():
     assert list(compiled_state) == list(eager_state)
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
     for name, value in eager_state.items():
-        torch.testing.assert_close(compiled_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        # Compiled, split BN runs its one-pass form (eager on a CPU: per-block kernels): measured
+        # at most 2.5e-5 apart after two steps, on weights up to 0.26.
+        torch.testing.assert_close(
+            compiled_state[name], value, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
     assert int(models[1].queue.pointer) == 16
     models[0].load_state_dict(compiled_state)  # a compiled run's checkpoint loads into an eager model
