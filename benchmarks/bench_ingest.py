@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, measure_in_fresh_process, median_of
+from benchmarks.common import machine_info, measure_in_fresh_process, median_milliseconds, median_of
 from benchmarks.corpus import corpus_with_shards
 from benchmarks.official import official_two_crops
 from moco_core.augment import AugmentConfig
@@ -135,6 +135,18 @@ def consumer_cost_ms_per_image(config: AugmentConfig, batch_size: int, repeats: 
     return 1000.0 * (time.perf_counter() - start) / (repeats * batch_size)
 
 
+def normalise_ms_per_batch(config: AugmentConfig, batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds to turn one batch of uint8 views into model input on this CPU, into a
+    fresh output each time and into the reused buffer the training worker keeps (InputBuffers)."""
+    views = torch.randint(0, 256, (batch_size, config.size, config.size, 3), dtype=torch.uint8)
+    buffers = InputBuffers()
+    cpu = torch.device("cpu")
+    return {
+        "fresh_output": round(median_milliseconds(lambda: prepare_model_input(views, config), repeats, cpu), 2),
+        "reused_buffer": round(median_milliseconds(lambda: buffers.prepare("query", views, config), repeats, cpu), 2),
+    }
+
+
 def _load_image_bytes(corpus: str, limit: int) -> list[bytes]:
     paths = sorted(Path(corpus).glob("*/*.jpg"))[:limit]
     return [path.read_bytes() for path in paths]
@@ -172,6 +184,10 @@ def measure_path(
         result = {"img_per_s": single_process_throughput(_load_image_bytes(corpus, single_process_images), config)}
         if config.photometric == "device":
             result["consumer_ms_per_img"] = consumer_cost_ms_per_image(config, batch_size)
+        else:
+            result.update(
+                {f"normalise_ms_{name}": value for name, value in normalise_ms_per_batch(config, batch_size).items()}
+            )
         return result
     import ray
 
@@ -210,6 +226,10 @@ def _size_summary(rounds: dict[tuple[str, str], list[dict]], workers: int) -> di
                 "single_process_img_per_s": median("single", "photometric_device"),
                 "consumer_ms_per_img": median("single", "photometric_device", "consumer_ms_per_img"),
             },
+        },
+        "normalise_ms_per_batch": {
+            name: median("single", "like_for_like", f"normalise_ms_{name}")
+            for name in ("fresh_output", "reused_buffer")
         },
         "skipped": max(run["counters"]["skipped"] for run in rounds[("ours", "like_for_like")]),
     }
