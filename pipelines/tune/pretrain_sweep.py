@@ -48,8 +48,9 @@ METRICS = ("probe", "knn")
 OSCILLATION_TOLERANCE = 0.05
 #: Fewest logged losses the oscillation rule judges.
 MIN_LOSSES = 4
-#: A last window whose mean loss is at least this share of the chance-level loss counts as collapsed.
-COLLAPSE_SHARE = 0.995
+#: A last window whose mean loss is within this share of the chance-level loss (either side)
+#: counts as collapsed.
+COLLAPSE_BAND = 0.005
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,12 @@ def loss_verdict(
       than ``tolerance`` of its mean (standard deviation of the residuals / mean): it oscillates
       instead of converging. A smooth rise is not a swing: MoCo's loss rises early in training,
       while the queue fills with keys of an encoder that is learning; or
-    * has a mean of at least ``COLLAPSE_SHARE`` of ``chance`` (:func:`chance_loss`, when given):
-      the encoder collapsed, every key as similar to a query as its positive.
+    * has a mean within ``COLLAPSE_BAND`` of ``chance`` (:func:`chance_loss`, when given): the
+      encoder collapsed, every key as similar to a query as its positive. Well above chance is
+      not collapse: a memory bank's positives are its stale, at first random, entries, and its
+      loss starts far above chance and falls towards it.
 
-    A loss that plateaus smoothly below chance, or keeps falling, is fine; runs with fewer than
+    A loss that plateaus smoothly away from chance, or keeps falling, is fine; runs with fewer than
     ``min_points`` logged losses are not judged.
     """
     if any(not math.isfinite(value) for value in losses):
@@ -144,7 +147,7 @@ def loss_verdict(
             f"the pretext loss oscillates: not decreasing over its last {count} logged values "
             f"(slope {slope:+.3g} per log step) and swinging by {100 * swing:.0f}% of its mean"
         )
-    if chance is not None and mean >= COLLAPSE_SHARE * chance:
+    if chance is not None and abs(mean - chance) <= COLLAPSE_BAND * chance:
         return "fail", (
             f"the pretext loss collapsed to chance: its last {count} logged values average {mean:.4g}, "
             f"the loss of uniform similarities is {chance:.4g} (every key as close as the positive)"
