@@ -31,13 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, measure_in_fresh_process, median_milliseconds, median_of
+from benchmarks.common import local_ray, machine_info, measure_in_fresh_process, median_milliseconds, median_of
 from benchmarks.corpus import corpus_with_shards
 from benchmarks.official import official_two_crops
 from moco_core.augment import AugmentConfig
 from moco_core.photometric import InputBuffers, prepare_model_input
 from pipelines.console import Progress
-from pipelines.ray_runtime import quiet_ray_data
 
 
 def _timed_consumption(batches: Iterable, count_images, label: str, total: int | None) -> float:
@@ -189,14 +188,8 @@ def measure_path(
                 {f"normalise_ms_{name}": value for name, value in normalise_ms_per_batch(config, batch_size).items()}
             )
         return result
-    import ray
-
-    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    quiet_ray_data()
-    try:
+    with local_ray(workers):
         return ray_pipeline_throughput(shards, config, workers, batch_size, epochs)
-    finally:
-        ray.shutdown()
 
 
 def _size_summary(rounds: dict[tuple[str, str], list[dict]], workers: int) -> dict:

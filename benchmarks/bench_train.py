@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine_info, measure_in_fresh_process, median_of
+from benchmarks.common import local_ray, machine_info, measure_in_fresh_process, median_of
 from benchmarks.corpus import corpus_with_shards, default_work_dir, small_corpus_with_shards
 from benchmarks.official import official_two_crops
 from pipelines.console import Progress
@@ -211,13 +211,8 @@ def measure_path(path: str, overrides: list[str], corpus: str, shards: str, step
         return bare_loop(config, files, steps, warmup, threads)
     if path == "single_process":
         return single_process(config, files, steps, warmup)
-    import ray
-
-    ray.init(address="local", num_cpus=2, configure_logging=False, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(num_cpus=2):
         return job(config, shards, warmup)
-    finally:
-        ray.shutdown()
 
 
 def _case(

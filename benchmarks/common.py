@@ -10,7 +10,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -44,6 +45,21 @@ def measure_in_fresh_process(function: str, label: str, **kwargs: object) -> dic
     if finished.returncode != 0:
         raise RuntimeError(f"{label}: the measurement failed (exit {finished.returncode}); its output is above")
     return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def local_ray(num_cpus: int) -> Iterator[None]:
+    """A local Ray cluster of ``num_cpus`` CPUs for one measurement, quiet, stopped afterwards."""
+    import ray
+
+    from pipelines.ray_runtime import quiet_ray_data
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    quiet_ray_data()
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def median_of(runs: list[dict], key: str):
