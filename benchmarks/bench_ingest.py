@@ -3,7 +3,7 @@
 On an ImageNet-like JPEG corpus (see ``benchmarks/corpus.py``), in one run, like for like: the
 same MoCo v2 augmentation (PIL's Gaussian blur on both sides), the same output (normalised float32
 views ready for the model), the same number of worker processes, the same statistic (images/s
-after the first batch, over every batch of ``epochs`` epochs):
+in the steady state: the middle batches of ``epochs`` epochs, see :func:`_timed_consumption`):
 
 * (a) the official MoCo loader: torchvision ``ImageFolder`` + ``DataLoader`` (``workers``
   processes, shuffled) + ``TwoCropsTransform``;
@@ -16,9 +16,10 @@ Every measurement runs in a fresh process (as a user's training script does), in
 interleaved rounds whose medians are reported.
 
 ``ratio`` = (c) / (a); ``efficiency`` = (c) / ((b) x workers). Reported beside them, not instead
-of them: (c) with our default discrete Gaussian blur (``variants.gaussian_blur``), and with the
-photometric part batched on the training device (``variants.photometric_device``, which on this
-CPU-only machine runs in the consuming process).
+of them: the ratio over two other windows (every batch after the first; the whole time from
+creating the iterator, start-up included), (c) with our default discrete Gaussian blur
+(``variants.gaussian_blur``), and with the photometric part batched on the training device
+(``variants.photometric_device``, which on this CPU-only machine runs in the consuming process).
 """
 
 from __future__ import annotations
@@ -38,23 +39,44 @@ from moco_core.augment import AugmentConfig
 from moco_core.photometric import InputBuffers, prepare_model_input
 from pipelines.console import Progress
 
+#: share of a measurement's batches left out at each end of its steady-state window
+STEADY_TRIM = 0.2
 
-def _timed_consumption(batches: Iterable, count_images, label: str, total: int | None) -> float:
-    """Images/s after the first batch (start-up excluded), consuming every batch."""
+
+def _timed_consumption(batches: Iterable, count_images, label: str, total: int | None) -> dict[str, float]:
+    """Consume every batch; images/s over three windows, the same on every path:
+
+    * ``img_per_s``: the steady state, the middle batches (``STEADY_TRIM`` of them left out at
+      each end): no start-up, none of what loaders buffer ahead of the first batch, no drain;
+    * ``after_first_img_per_s``: every batch after the first (buffered batches count as fast);
+    * ``from_start_img_per_s``: every image over the whole time from creating the iterator
+      (worker and lane start-up included).
+    """
     progress = Progress(label, total=total, unit="img")
-    iterator = iter(batches)
-    count_images(next(iterator))
-    start, seen = time.perf_counter(), 0
-    for batch in iterator:
+    start = time.perf_counter()
+    stamps: list[tuple[float, int]] = []
+    seen = 0
+    for batch in batches:
         seen += count_images(batch)
+        stamps.append((time.perf_counter(), seen))
         progress.update(seen)
-    elapsed = time.perf_counter() - start
     progress.finish(seen)
-    return seen / elapsed
+    if len(stamps) < 3:
+        raise ValueError(f"{label}: {len(stamps)} batches are too few to time; use more images or epochs")
+    first, last = int(len(stamps) * STEADY_TRIM), len(stamps) - 1 - int(len(stamps) * STEADY_TRIM)
+
+    def rate(a: tuple[float, int], b: tuple[float, int]) -> float:
+        return (b[1] - a[1]) / (b[0] - a[0])
+
+    return {
+        "img_per_s": rate(stamps[first], stamps[last]),
+        "after_first_img_per_s": rate(stamps[0], stamps[-1]),
+        "from_start_img_per_s": rate((start, 0), stamps[-1]),
+    }
 
 
-def official_loader_throughput(corpus: str, size: int, workers: int, batch_size: int, epochs: int) -> float:
-    """(a): the official main_moco.py data path, measured in images/s."""
+def official_loader_throughput(corpus: str, size: int, workers: int, batch_size: int, epochs: int) -> dict:
+    """(a): the official main_moco.py data path, measured in images/s (see :func:`_timed_consumption`)."""
     import torchvision.datasets as datasets
 
     dataset = datasets.ImageFolder(corpus, official_two_crops(size))
@@ -110,7 +132,7 @@ def ray_pipeline_throughput(shards: str, config: AugmentConfig, readers: int, ba
         inputs.prepare("key", batch["key"], config, generator)
         return batch["query"].shape[0]
 
-    throughput = _timed_consumption(
+    rates = _timed_consumption(
         stream.training_batches(batch_size, StreamProgress(layout.total_lanes)),
         model_input,
         f"bench ingest: ours {config.size}px blur={config.blur} photometric={config.photometric}",
@@ -118,7 +140,7 @@ def ray_pipeline_throughput(shards: str, config: AugmentConfig, readers: int, ba
     )
     import ray
 
-    return {"img_per_s": throughput, "counters": ray.get(stream.ingest_state.snapshot.remote())}
+    return {**rates, "counters": ray.get(stream.ingest_state.snapshot.remote())}
 
 
 def consumer_cost_ms_per_image(config: AugmentConfig, batch_size: int, repeats: int = 3) -> float:
@@ -178,7 +200,7 @@ def measure_path(
     ``path`` is ``official`` (a), ``single`` (b) or ``ours`` (c)."""
     config = _augment(size, variant)
     if path == "official":
-        return {"img_per_s": official_loader_throughput(corpus, size, workers, batch_size, epochs)}
+        return official_loader_throughput(corpus, size, workers, batch_size, epochs)
     if path == "single":
         result = {"img_per_s": single_process_throughput(_load_image_bytes(corpus, single_process_images), config)}
         if config.photometric == "device":
@@ -205,6 +227,16 @@ def _size_summary(rounds: dict[tuple[str, str], list[dict]], workers: int) -> di
         "ratio": round(ours / official, 3),
         "single_process_img_per_s": single,
         "efficiency": round(ours / (single * workers), 3),
+        "other_windows": {
+            window: {
+                "official_img_per_s": median("official", key=f"{window}_img_per_s"),
+                "ours_img_per_s": median("ours", key=f"{window}_img_per_s"),
+                "ratio": round(
+                    median("ours", key=f"{window}_img_per_s") / median("official", key=f"{window}_img_per_s"), 3
+                ),
+            }
+            for window in ("after_first", "from_start")
+        },
         "runs": {
             f"{path}_{variant}": [round(run["img_per_s"], 1) for run in runs]
             for (path, variant), runs in rounds.items()
@@ -234,7 +266,7 @@ def run_ingest_benchmark(
     sizes: tuple[int, ...] = (224, 64),
     workers: int = 2,
     batch_size: int = 256,
-    epochs: int = 2,
+    epochs: int = 3,
     single_process_images: int = 300,
     repeats: int = 1,
 ) -> dict:

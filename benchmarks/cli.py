@@ -120,7 +120,7 @@ def _add_ingest(benches: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--workers", type=positive_int, default=2, help="loader workers / Ray reader tasks (default: 2)"
     )
     parser.add_argument("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
-    parser.add_argument("--epochs", type=positive_int, default=2, help="epochs per measurement (default: 2)")
+    parser.add_argument("--epochs", type=positive_int, default=3, help="epochs per measurement (default: 3)")
     parser.add_argument(
         "--single-process-images",
         type=positive_int,

@@ -47,8 +47,11 @@ from pipelines.ingest.units import Collection
 
 #: bits of a position that hold the row offset within its group
 OFFSET_BITS = 24
-#: target bytes per block a lane yields (small blocks interleave lanes finely and keep memory flat)
-BLOCK_BYTES = 1 << 20
+#: most bytes per block a lane yields: Ray Data's cost is per block, so small blocks are slow (at
+#: 224 px, blocks of 4 rows made the stream ~25% slower than blocks of ~200; docs/BENCHMARKS.md)
+BLOCK_BYTES = 64 << 20
+#: most rows per block a lane yields
+MAX_BLOCK_ROWS = 256
 #: images mixed in one group by default (their encoded bytes are held by the lane while it reads)
 DEFAULT_POOL = 2048
 _ORDER_SALT, _ROWS_SALT = 0x5EED, 0x6A5E
@@ -382,8 +385,12 @@ def _run_lanes(
         yield from reader.blocks(lane, last_consumed, end_epoch)
 
 
-def rows_per_block(view_function: ViewFunction) -> int:
-    return int(np.clip(BLOCK_BYTES // max(1, view_function.bytes_per_row), 4, 256))
+def rows_per_block(view_function: ViewFunction, window_rows: int | None = None) -> int:
+    """Rows per block a lane yields: as many as fit in ``BLOCK_BYTES``, at most ``MAX_BLOCK_ROWS``,
+    and at most a quarter of the lane's window (Ray Data holds back up to a block of a lane's rows
+    until the next one comes: a window of several blocks keeps the lane ahead of the consumer)."""
+    rows = int(np.clip(BLOCK_BYTES // max(1, view_function.bytes_per_row), 1, MAX_BLOCK_ROWS))
+    return rows if window_rows is None else max(1, min(rows, window_rows // 4))
 
 
 @dataclass(frozen=True)
@@ -472,11 +479,7 @@ def build_view_dataset(
     stream_id = uuid.uuid4().hex
     lanes = np.arange(worker * layout.lanes_per_worker, (worker + 1) * layout.lanes_per_worker)
     last = np.full(len(lanes), -1, dtype=np.int64) if positions is None else np.asarray(positions)[lanes]
-    block_rows = rows_per_block(view_function)
-    if window_rows is not None:
-        # Ray Data holds back up to a block of a lane's rows until the next one comes: a window
-        # of several blocks keeps the lane ahead of what the consumer needs.
-        block_rows = max(1, min(block_rows, window_rows // 4))
+    block_rows = rows_per_block(view_function, window_rows)
     context = ray.data.DataContext.get_current()
     saved_block_size = context.target_max_block_size
     # Without this, Ray Data would merge a lane's yields into blocks of up to 128 MB, so nothing

@@ -18,6 +18,7 @@ from pipelines.ingest.stream import (
     lane_window,
     plan_layout,
     restart_positions,
+    rows_per_block,
 )
 from pipelines.ingest.views import EvalViewFunction, TwoViewFunction
 from tests.pipelines.fixtures import jpeg_bytes, write_image_folder, write_img2dataset_parquet
@@ -212,6 +213,18 @@ def test_a_resume_with_another_layout_skips_nothing(ray_cluster, parquet_collect
         assert set(range(60)) <= {index for e, index in before + after if e == epoch}
     repeats = len(before) + len(after) - 120
     assert 0 <= repeats <= len(before)  # only images trained on before the restart come again
+
+
+def test_blocks_are_large_but_several_fit_in_a_lane_window():
+    """Ray Data's cost is per block: a 224 px lane yields blocks of a quarter of its window (not the
+    4 rows a 1 MB cap allowed), never more than MAX_BLOCK_ROWS rows or BLOCK_BYTES bytes."""
+    from pipelines.ingest import stream
+
+    views_224 = TwoViewFunction(AugmentConfig(recipe="v2", size=224))
+    assert rows_per_block(views_224, window_rows=400) == 100
+    assert rows_per_block(views_224) == min(stream.MAX_BLOCK_ROWS, stream.BLOCK_BYTES // views_224.bytes_per_row)
+    assert rows_per_block(TINY_VIEWS, window_rows=2) == 1
+    assert rows_per_block(TINY_VIEWS) == stream.MAX_BLOCK_ROWS
 
 
 def test_lanes_run_at_most_a_window_ahead_of_training(ray_cluster, parquet_collection):
