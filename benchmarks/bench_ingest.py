@@ -25,7 +25,7 @@ creating the iterator, start-up included), (c) with our default discrete Gaussia
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,37 +39,43 @@ from moco_core.augment import AugmentConfig
 from moco_core.photometric import InputBuffers, prepare_model_input
 from pipelines.console import Progress
 
-#: share of a measurement's batches left out at each end of its steady-state window
-STEADY_TRIM = 0.2
+#: batches left out at the start of the steady-state window: more than either side can hold
+#: ready before its first batch is taken (our lanes' window, 7 batches, plus the iterator's
+#: prefetch of 1; the DataLoader's workers x prefetch_factor, 4)
+STEADY_SKIP_BATCHES = 10
 
 
-def _timed_consumption(batches: Iterable, count_images, label: str, total: int | None) -> dict[str, float]:
+def _timed_consumption(
+    batches: Iterable, count_images, label: str, total: int | None, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
     """Consume every batch; images/s over three windows, the same on every path:
 
-    * ``img_per_s``: the steady state, the middle batches (``STEADY_TRIM`` of them left out at
-      each end): no start-up, none of what loaders buffer ahead of the first batch, no drain;
+    * ``img_per_s``: the steady state, from batch ``STEADY_SKIP_BATCHES`` to the last: no
+      start-up, and none of what a loader prepared ahead while its first batch was on its way;
     * ``after_first_img_per_s``: every batch after the first (buffered batches count as fast);
     * ``from_start_img_per_s``: every image over the whole time from creating the iterator
       (worker and lane start-up included).
     """
     progress = Progress(label, total=total, unit="img")
-    start = time.perf_counter()
+    start = clock()
     stamps: list[tuple[float, int]] = []
     seen = 0
     for batch in batches:
         seen += count_images(batch)
-        stamps.append((time.perf_counter(), seen))
+        stamps.append((clock(), seen))
         progress.update(seen)
     progress.finish(seen)
-    if len(stamps) < 3:
-        raise ValueError(f"{label}: {len(stamps)} batches are too few to time; use more images or epochs")
-    first, last = int(len(stamps) * STEADY_TRIM), len(stamps) - 1 - int(len(stamps) * STEADY_TRIM)
+    if len(stamps) < STEADY_SKIP_BATCHES + 3:
+        raise ValueError(
+            f"{label}: {len(stamps)} batches are too few to time (at least {STEADY_SKIP_BATCHES + 3}); "
+            "use more images or epochs"
+        )
 
     def rate(a: tuple[float, int], b: tuple[float, int]) -> float:
         return (b[1] - a[1]) / (b[0] - a[0])
 
     return {
-        "img_per_s": rate(stamps[first], stamps[last]),
+        "img_per_s": rate(stamps[STEADY_SKIP_BATCHES], stamps[-1]),
         "after_first_img_per_s": rate(stamps[0], stamps[-1]),
         "from_start_img_per_s": rate((start, 0), stamps[-1]),
     }
