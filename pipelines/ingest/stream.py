@@ -385,11 +385,15 @@ def _run_lanes(
         yield from reader.blocks(lane, last_consumed, end_epoch)
 
 
-def rows_per_block(view_function: ViewFunction, window_rows: int | None = None) -> int:
-    """Rows per block a lane yields: as many as fit in ``BLOCK_BYTES``, at most ``MAX_BLOCK_ROWS``,
-    and at most a quarter of the lane's window (Ray Data holds back up to a block of a lane's rows
-    until the next one comes: a window of several blocks keeps the lane ahead of the consumer)."""
-    rows = int(np.clip(BLOCK_BYTES // max(1, view_function.bytes_per_row), 1, MAX_BLOCK_ROWS))
+def rows_per_block(
+    view_function: ViewFunction, window_rows: int | None = None, object_store_bytes: float | None = None
+) -> int:
+    """Rows per block a lane yields: as many as fit in ``BLOCK_BYTES`` (and in a 64th of the object
+    store, so a small store still holds many blocks), at most ``MAX_BLOCK_ROWS``, and at most a
+    quarter of the lane's window (Ray Data holds back up to a block of a lane's rows until the next
+    one comes: a window of several blocks keeps the lane ahead of the consumer)."""
+    block_bytes = BLOCK_BYTES if object_store_bytes is None else min(BLOCK_BYTES, int(object_store_bytes) // 64)
+    rows = int(np.clip(block_bytes // max(1, view_function.bytes_per_row), 1, MAX_BLOCK_ROWS))
     return rows if window_rows is None else max(1, min(rows, window_rows // 4))
 
 
@@ -479,7 +483,7 @@ def build_view_dataset(
     stream_id = uuid.uuid4().hex
     lanes = np.arange(worker * layout.lanes_per_worker, (worker + 1) * layout.lanes_per_worker)
     last = np.full(len(lanes), -1, dtype=np.int64) if positions is None else np.asarray(positions)[lanes]
-    block_rows = rows_per_block(view_function, window_rows)
+    block_rows = rows_per_block(view_function, window_rows, ray.cluster_resources().get("object_store_memory"))
     context = ray.data.DataContext.get_current()
     saved_block_size = context.target_max_block_size
     # Without this, Ray Data would merge a lane's yields into blocks of up to 128 MB, so nothing

@@ -224,6 +224,7 @@ def test_blocks_are_large_but_several_fit_in_a_lane_window():
     assert rows_per_block(views_224, window_rows=400) == 100
     assert rows_per_block(views_224) == min(stream.MAX_BLOCK_ROWS, stream.BLOCK_BYTES // views_224.bytes_per_row)
     assert rows_per_block(TINY_VIEWS, window_rows=2) == 1
+    assert rows_per_block(views_224, object_store_bytes=120 << 20) == (120 << 20) // 64 // views_224.bytes_per_row
     assert rows_per_block(TINY_VIEWS) == stream.MAX_BLOCK_ROWS
 
 
