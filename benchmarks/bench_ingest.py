@@ -3,7 +3,8 @@
 On an ImageNet-like JPEG corpus (see ``benchmarks/corpus.py``), in one run, like for like: the
 same MoCo v2 augmentation (PIL's Gaussian blur on both sides), the same output (normalised float32
 views ready for the model), the same number of worker processes, the same statistic (images/s
-in the steady state: the middle batches of ``epochs`` epochs, see :func:`_timed_consumption`):
+in the steady state: from batch ``STEADY_SKIP_BATCHES`` of ``epochs`` epochs to the last, see
+:func:`_timed_consumption`):
 
 * (a) the official MoCo loader: torchvision ``ImageFolder`` + ``DataLoader`` (``workers``
   processes, shuffled) + ``TwoCropsTransform``;
@@ -220,6 +221,13 @@ def measure_path(
         return ray_pipeline_throughput(shards, config, workers, batch_size, epochs)
 
 
+def _window_figures(rounds: dict[tuple[str, str], list[dict]], window: str) -> dict:
+    """The like-for-like medians and their ratio over another timing window of :func:`_timed_consumption`."""
+    official = median_of(rounds[("official", "like_for_like")], f"{window}_img_per_s")
+    ours = median_of(rounds[("ours", "like_for_like")], f"{window}_img_per_s")
+    return {"official_img_per_s": official, "ours_img_per_s": ours, "ratio": round(ours / official, 3)}
+
+
 def _size_summary(rounds: dict[tuple[str, str], list[dict]], workers: int) -> dict:
     """One size's figures: the medians of its rounds, ratios of those medians, every round's img/s."""
 
@@ -233,16 +241,7 @@ def _size_summary(rounds: dict[tuple[str, str], list[dict]], workers: int) -> di
         "ratio": round(ours / official, 3),
         "single_process_img_per_s": single,
         "efficiency": round(ours / (single * workers), 3),
-        "other_windows": {
-            window: {
-                "official_img_per_s": median("official", key=f"{window}_img_per_s"),
-                "ours_img_per_s": median("ours", key=f"{window}_img_per_s"),
-                "ratio": round(
-                    median("ours", key=f"{window}_img_per_s") / median("official", key=f"{window}_img_per_s"), 3
-                ),
-            }
-            for window in ("after_first", "from_start")
-        },
+        "other_windows": {window: _window_figures(rounds, window) for window in ("after_first", "from_start")},
         "runs": {
             f"{path}_{variant}": [round(run["img_per_s"], 1) for run in runs]
             for (path, variant), runs in rounds.items()

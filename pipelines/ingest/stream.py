@@ -52,6 +52,8 @@ OFFSET_BITS = 24
 BLOCK_BYTES = 64 << 20
 #: most rows per block a lane yields
 MAX_BLOCK_ROWS = 256
+#: a block is at most this share of the object store, so a small store still holds many blocks
+BLOCKS_PER_OBJECT_STORE = 64
 #: images mixed in one group by default (their encoded bytes are held by the lane while it reads)
 DEFAULT_POOL = 2048
 _ORDER_SALT, _ROWS_SALT = 0x5EED, 0x6A5E
@@ -388,11 +390,15 @@ def _run_lanes(
 def rows_per_block(
     view_function: ViewFunction, window_rows: int | None = None, object_store_bytes: float | None = None
 ) -> int:
-    """Rows per block a lane yields: as many as fit in ``BLOCK_BYTES`` (and in a 64th of the object
-    store, so a small store still holds many blocks), at most ``MAX_BLOCK_ROWS``, and at most a
+    """Rows per block a lane yields: as many as fit in ``BLOCK_BYTES`` (and in
+    ``1 / BLOCKS_PER_OBJECT_STORE`` of the object store), at most ``MAX_BLOCK_ROWS``, and at most a
     quarter of the lane's window (Ray Data holds back up to a block of a lane's rows until the next
     one comes: a window of several blocks keeps the lane ahead of the consumer)."""
-    block_bytes = BLOCK_BYTES if object_store_bytes is None else min(BLOCK_BYTES, int(object_store_bytes) // 64)
+    block_bytes = (
+        BLOCK_BYTES
+        if object_store_bytes is None
+        else min(BLOCK_BYTES, int(object_store_bytes) // BLOCKS_PER_OBJECT_STORE)
+    )
     rows = int(np.clip(block_bytes // max(1, view_function.bytes_per_row), 1, MAX_BLOCK_ROWS))
     return rows if window_rows is None else max(1, min(rows, window_rows // 4))
 
