@@ -3,11 +3,15 @@ converted, and how far each reader lane may run ahead of training.
 
 Skipped images produce no rows, so their counts cannot travel with the data; each lane reports
 here after every group it reads, and the trainer reads a snapshot when it logs. The trainer also
-posts how many rows of each lane it has consumed; a lane that is a window ahead waits for it.
+posts how many rows of each lane it has consumed; a lane that is a window ahead waits for it in one
+long call (:meth:`IngestState.wait_consumed`), not by polling, so a cluster's lanes cost the actor a
+call per batch consumed, not a call per lane every few milliseconds.
 Each lane records the node it runs on (where ``data.reader_resources`` placed it).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import ray
 
@@ -23,6 +27,7 @@ class IngestState:
         self.first_error = ""
         self.consumed_rows: dict[tuple[str, int], int] = {}  # (stream id, lane) -> rows consumed
         self.lane_nodes: dict[int, list[str]] = {}  # lane -> the Ray nodes it ran on, in order
+        self._reported: dict[str, asyncio.Event] = {}  # stream id -> set at its next report
 
     def add(self, delivered: int, skipped: dict[str, int], converted: dict[str, int], first_error: str = "") -> None:
         self.delivered += delivered
@@ -33,10 +38,11 @@ class IngestState:
         if first_error and not self.first_error:
             self.first_error = first_error
 
-    def report_consumed(self, stream: str, rows_by_lane: dict[int, int]) -> None:
+    async def report_consumed(self, stream: str, rows_by_lane: dict[int, int]) -> None:
         """The consumer of ``stream`` has consumed this many rows of each lane so far."""
         for lane, rows in rows_by_lane.items():
             self.consumed_rows[(stream, lane)] = rows
+        self._reported.pop(stream, asyncio.Event()).set()
 
     def lane_started(self, lane: int, node_id: str) -> None:
         """A reader lane started (or was re-run) on Ray node ``node_id``."""
@@ -46,6 +52,20 @@ class IngestState:
 
     def consumed(self, stream: str, lane: int) -> int:
         return self.consumed_rows.get((stream, lane), 0)
+
+    async def wait_consumed(self, stream: str, lane: int, beyond: int, timeout_s: float) -> int:
+        """The rows of ``lane`` consumed, once they exceed ``beyond`` or ``timeout_s`` has passed."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.consumed(stream, lane) <= beyond:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            reported = self._reported.setdefault(stream, asyncio.Event())
+            try:
+                await asyncio.wait_for(reported.wait(), remaining)
+            except TimeoutError:
+                break
+        return self.consumed(stream, lane)
 
     def snapshot(self) -> dict:
         return {

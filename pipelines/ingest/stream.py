@@ -30,7 +30,6 @@ How a run's images reach its training workers (docs/DATA.md, "The stream"):
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +53,9 @@ BLOCK_BYTES = 64 << 20
 MAX_BLOCK_ROWS = 256
 #: a block is at most this share of the object store, so a small store still holds many blocks
 BLOCKS_PER_OBJECT_STORE = 64
+#: longest single wait of a lane that is a window ahead (it then asks again): the wait returns as
+#: soon as the consumer reports, so this only bounds a call to an actor that went away
+CREDIT_WAIT_S = 5.0
 #: images mixed in one group by default (their encoded bytes are held by the lane while it reads)
 DEFAULT_POOL = 2048
 _ORDER_SALT, _ROWS_SALT = 0x5EED, 0x6A5E
@@ -276,9 +278,11 @@ class LaneReader:
     def _wait_for_credit(self, lane: int) -> None:
         """Block while this lane is ``window_rows`` ahead of what the consumer has taken."""
         while self.window_rows is not None and self._emitted - self._known_consumed >= self.window_rows:
-            self._known_consumed = ray.get(self.ingest_state.consumed.remote(self.stream_id, lane))
-            if self._emitted - self._known_consumed >= self.window_rows:
-                time.sleep(0.02)
+            self._known_consumed = ray.get(
+                self.ingest_state.wait_consumed.remote(
+                    self.stream_id, lane, self._emitted - self.window_rows, CREDIT_WAIT_S
+                )
+            )
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from moco_core.augment import AugmentConfig, CenterCropTransform
+from pipelines.ingest.ingest_state import IngestState
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.stream import (
     StreamLayout,
@@ -240,6 +241,21 @@ def test_lanes_run_at_most_a_window_ahead_of_training(ray_cluster, parquet_colle
     batches.close()
     # Counted per group (~14 rows), so a lane can show one group beyond its window.
     assert 3 * 8 <= delivered <= 3 * 8 + 2 * (window + 16), (delivered, window)
+
+
+def test_a_lane_a_window_ahead_is_released_by_the_consumers_report_not_by_polling(ray_cluster):
+    """The lane's wait is one call that returns when the consumer reports (lanes used to ask the
+    actor every 20 ms: ~8% of a core on 2 cores, and a flood of calls from a cluster's lanes)."""
+    state = IngestState.remote()
+    waiting = state.wait_consumed.remote("stream", 3, 10, 60.0)
+    state.report_consumed.remote("stream", {2: 50})  # another lane's progress does not release it
+    state.report_consumed.remote("other", {3: 50})  # nor another stream's
+    assert ray.wait([waiting], timeout=1.0)[0] == []
+    started = time.monotonic()
+    state.report_consumed.remote("stream", {3: 11})
+    assert ray.get(waiting, timeout=10) == 11
+    assert time.monotonic() - started < 5  # released by the report, long before the 60 s bound
+    assert ray.get(state.wait_consumed.remote("stream", 3, 20, 0.2), timeout=10) == 11  # bounded wait
 
 
 def test_a_slow_consumer_leaves_the_executor_idle(ray_cluster, parquet_collection, monkeypatch):
