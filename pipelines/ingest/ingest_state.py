@@ -42,7 +42,9 @@ class IngestState:
         """The consumer of ``stream`` has consumed this many rows of each lane so far."""
         for lane, rows in rows_by_lane.items():
             self.consumed_rows[(stream, lane)] = rows
-        self._reported.pop(stream, asyncio.Event()).set()
+        reported = self._reported.pop(stream, None)
+        if reported is not None:
+            reported.set()  # wakes this stream's waiting lanes
 
     def lane_started(self, lane: int, node_id: str) -> None:
         """A reader lane started (or was re-run) on Ray node ``node_id``."""
@@ -50,13 +52,13 @@ class IngestState:
         if node_id not in nodes:
             nodes.append(node_id)
 
-    def consumed(self, stream: str, lane: int) -> int:
+    def _consumed(self, stream: str, lane: int) -> int:
         return self.consumed_rows.get((stream, lane), 0)
 
     async def wait_consumed(self, stream: str, lane: int, beyond: int, timeout_s: float) -> int:
         """The rows of ``lane`` consumed, once they exceed ``beyond`` or ``timeout_s`` has passed."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while self.consumed(stream, lane) <= beyond:
+        while self._consumed(stream, lane) <= beyond:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break
@@ -65,7 +67,7 @@ class IngestState:
                 await asyncio.wait_for(reported.wait(), remaining)
             except TimeoutError:
                 break
-        return self.consumed(stream, lane)
+        return self._consumed(stream, lane)
 
     def snapshot(self) -> dict:
         return {
