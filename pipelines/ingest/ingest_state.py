@@ -65,7 +65,7 @@ class IngestState:
             reported = self._reported.setdefault(stream, asyncio.Event())
             try:
                 await asyncio.wait_for(reported.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
         return self._consumed(stream, lane)
 
