@@ -1,18 +1,19 @@
 """``moco bench train``: the Ray Train pretraining job against training loops without Ray, same work.
 
 For each view size, on a corpus of that kind of image (ImageNet-like JPEGs for 64 and 224 px,
-32 px photo crops for 32 px), with the same model, MoCo v2 augmentation, batch and trainer threads:
+32 px photo crops for 32 px), with the same model, MoCo v2 augmentation and batch, and for each
+trainer CPU count ``C`` (``trainer_cpus``; the job's ``scaling.cpus_per_worker``):
 
-* ``step_alone``: ``moco_core.train_step`` on views computed beforehand (no data work at all):
-  the job's ceiling, so ``job / step_alone`` is the job's own overhead;
-* ``bare_loop``: ``train_step`` fed by a torch ``DataLoader`` whose one worker process runs our
-  per-image two-view transform on the image files (the same CPUs as the job: one for the
-  trainer, one for data);
-* ``single_process``: what a short hand-written script does: one process, torchvision's MoCo v2
-  transforms (the official augmentation) applied per image in the loop, then ``train_step``,
-  torch using every core;
-* ``job``: ``moco pretrain``'s Ray Train job with one worker (1 CPU) and the reader lanes on the
-  other CPU, fed by the Ray Data stream.
+* ``step_alone``: ``moco_core.train_step`` on views computed beforehand (no data work at all),
+  on the job's torch threads: the job's ceiling, so ``job / step_alone`` is the job's own overhead;
+* ``bare_loop``: ``train_step`` on the job's torch threads, fed by a torch ``DataLoader`` whose
+  one worker process runs our per-image two-view transform on the image files;
+* ``job``: ``moco pretrain``'s Ray Train job with one worker reserving ``C`` CPUs (torch threads:
+  ``C`` rounded up, ``PretrainConfig.trainer_threads``) and the reader lanes on the CPUs left,
+  fed by the Ray Data stream;
+* ``single_process`` (once per size, it does not depend on ``C``): what a short hand-written
+  script does: one process, torchvision's MoCo v2 transforms (the official augmentation) applied
+  per image in the loop, then ``train_step``, torch using every core.
 
 One statistic everywhere: images/s over the same steps (after ``warmup``), from per-step times
 for the loops and from the job's contiguous log windows. Every path runs in a new Python process,
@@ -53,7 +54,6 @@ BENCH_OVERRIDES = [
     "eval.every_epochs=0",
     "tracking.enabled=false",
     "scaling.workers=1",
-    "scaling.cpus_per_worker=1",
 ]
 #: view size -> batch size used for that size
 DEFAULT_BATCH = {32: 128, 64: 64, 224: 32}
@@ -204,7 +204,7 @@ def measure_path(path: str, overrides: list[str], corpus: str, shards: str, step
 
     config = load_config("in1m-v2", overrides)
     files = sorted(Path(corpus).glob("*/*.*"))
-    threads = 1  # the CPUs the job's trainer reserves (scaling.cpus_per_worker)
+    threads = config.trainer_threads  # the loops train on the job's torch threads
     if path == "step_alone":
         return step_alone(config, [file.read_bytes() for file in files[:64]], steps, warmup, threads)
     if path == "bare_loop":
@@ -222,12 +222,11 @@ def _case(
     warmup: int,
     work: Path,
     num_images: int,
-    variant_cpus: tuple[float, ...],
+    trainer_cpus: tuple[float, ...],
     repeats: int,
 ) -> dict:
-    """Every baseline and the job at one view size, ``repeats`` interleaved rounds, each path in a
-    fresh process; each figure is the median of its rounds (``runs`` keeps every round's
-    ``img_per_s``)."""
+    """Every path at one view size, ``repeats`` interleaved rounds, each path in a fresh process;
+    each figure is the median of its rounds (``runs`` keeps every round's ``img_per_s``)."""
     if size <= 32:
         corpus, shards = small_corpus_with_shards(work)
     else:
@@ -238,34 +237,41 @@ def _case(
         f"training.total_steps={steps + warmup}",
         f"training.log_every_steps={warmup}",
     ]
-    paths = {name: overrides for name in ("step_alone", "bare_loop", "single_process", "job")}
-    for cpus in variant_cpus:
-        paths[f"job_cpus_{cpus:g}"] = overrides + [f"scaling.cpus_per_worker={cpus:g}"]
-    rounds: dict[str, list[dict]] = {}
+    #: (trainer CPUs or None, path) -> the overrides it runs with
+    paths: dict[tuple[str | None, str], list[str]] = {(None, "single_process"): overrides}
+    for cpus in trainer_cpus:
+        for name in ("step_alone", "bare_loop", "job"):
+            paths[(f"{cpus:g}", name)] = overrides + [f"scaling.cpus_per_worker={cpus:g}"]
+    rounds: dict[tuple[str | None, str], list[dict]] = {}
     for _ in range(repeats):
-        for name, path_overrides in paths.items():
+        for (cpus, name), path_overrides in paths.items():
+            label = name if cpus is None else f"{name}, trainer CPUs {cpus}"
             result = measure_in_fresh_process(
                 "benchmarks.bench_train:measure_path",
-                f"bench train {size}px {name}",
-                path="job" if name.startswith("job") else name,
+                f"bench train {size}px {label}",
+                path=name,
                 overrides=path_overrides,
                 corpus=corpus["path"],
                 shards=shards,
                 steps=steps,
                 warmup=warmup,
             )
-            rounds.setdefault(name, []).append(result)
-    results: dict = {"corpus": corpus, "batch_size": batch_size}
-    for name, runs in rounds.items():
-        results[name] = {key: median_of(runs, key) for key in runs[0]}
-        results[name]["runs"] = [round(run["img_per_s"], 3) for run in runs]
-    baselines = ("step_alone", "bare_loop", "single_process")
-    for variant in (name for name in paths if name.startswith("job")):
-        prefix = "" if variant == "job" else f"{variant}_"
-        results[f"{prefix}ratios"] = {
-            name: round(results[variant]["img_per_s"] / results[name]["img_per_s"], 3) for name in baselines
+            rounds.setdefault((cpus, name), []).append(result)
+    medians = {
+        key: {**{stat: median_of(runs, stat) for stat in runs[0]}, "runs": [round(run["img_per_s"], 3) for run in runs]}
+        for key, runs in rounds.items()
+    }
+    single = medians[(None, "single_process")]
+    by_cpus: dict[str, dict] = {}
+    for cpus in (f"{cpus:g}" for cpus in trainer_cpus):
+        figures = {name: medians[(cpus, name)] for name in ("step_alone", "bare_loop", "job")}
+        figures["torch_threads"] = figures["step_alone"]["torch_threads"]
+        baselines = {"step_alone": figures["step_alone"], "bare_loop": figures["bare_loop"], "single_process": single}
+        figures["ratios"] = {
+            name: round(figures["job"]["img_per_s"] / baseline["img_per_s"], 3) for name, baseline in baselines.items()
         }
-    return results
+        by_cpus[cpus] = figures
+    return {"corpus": corpus, "batch_size": batch_size, "single_process": single, "trainer_cpus": by_cpus}
 
 
 def run_train_benchmark(
@@ -275,17 +281,17 @@ def run_train_benchmark(
     batch_sizes: dict[int, int] | None = None,
     steps: int = 60,
     warmup: int = 10,
-    job_variant_cpus: tuple[float, ...] = (),
+    trainer_cpus: tuple[float, ...] = (1.0,),
     repeats: int = 1,
 ) -> dict:
-    """Measure every baseline and the job at each size, in ``repeats`` interleaved rounds (medians
-    reported); ``ratios`` = job / baseline. Each of ``job_variant_cpus`` adds a run of the job with
-    the trainer reserving that many CPUs, beside the default one (``job_cpus_<n>`` and its
-    ``..._ratios``)."""
+    """Measure every path at each size and trainer CPU count, in ``repeats`` interleaved rounds
+    (medians reported); per size, ``trainer_cpus[C]["ratios"]`` = job / each baseline. ``ratio``:
+    job / bare loop at the first size and the first trainer CPU count."""
     work = Path(work_dir) if work_dir else default_work_dir()
     batches = {**DEFAULT_BATCH, **(batch_sizes or {})}
+    trainer_cpus = tuple(dict.fromkeys(trainer_cpus))
     by_size = {
-        str(size): _case(size, batches.get(size, 64), steps, warmup, work, num_images, job_variant_cpus, repeats)
+        str(size): _case(size, batches.get(size, 64), steps, warmup, work, num_images, trainer_cpus, repeats)
         for size in sizes
     }
     return {
@@ -296,9 +302,10 @@ def run_train_benchmark(
             "steps": steps,
             "warmup": warmup,
             "repeats": repeats,
-            "job": "1 Ray Train worker (1 CPU), reader lanes on the other CPU",
+            "trainer_cpus": list(trainer_cpus),
+            "job": "1 Ray Train worker reserving the trainer CPUs, reader lanes on the CPUs left",
         },
         "machine": machine_info(torch.device("cpu")),
         "by_size": by_size,
-        "ratio": by_size[str(sizes[0])]["ratios"]["bare_loop"],
+        "ratio": by_size[str(sizes[0])]["trainer_cpus"][f"{trainer_cpus[0]:g}"]["ratios"]["bare_loop"],
     }

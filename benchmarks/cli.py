@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli_common import UserError, positive_int
+from pipelines.cli_common import UserError, positive_float, positive_int
 
 
 def register(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -156,10 +156,11 @@ def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentPar
         "train",
         parents=[common],
         help="the Ray Train pretraining job vs training loops without Ray, same work",
-        description="At each view size, with the same model, MoCo v2 augmentation, batch and trainer threads, "
+        description="At each view size and trainer CPU count, with the same model, MoCo v2 augmentation, batch "
+        "and trainer threads, "
         "measure images/s of: train_step on precomputed views (the ceiling), train_step fed by a DataLoader "
         "with one worker, a single process applying torchvision's official transforms per image, and the "
-        "moco pretrain Ray Train job (1 worker, reader lanes on the other CPUs). Same statistic everywhere: "
+        "moco pretrain Ray Train job (1 worker, reader lanes on the CPUs left). Same statistic everywhere: "
         "images/s over the same steps after the warm-up; wall_s includes start-up. ratios = job / baseline.",
     )
     parser.add_argument(
@@ -186,14 +187,14 @@ def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentPar
         "--warmup", type=positive_int, default=10, help="untimed steps first; also the job's log window (default: 10)"
     )
     parser.add_argument(
-        "--job-variant-cpus",
-        type=float,
-        nargs="*",
-        default=[],
+        "--trainer-cpus",
+        type=positive_float,
+        nargs="+",
+        default=[1.0],
         metavar="CPUS",
-        help="also run the job with the trainer reserving this many CPUs (scaling.cpus_per_worker; torch threads "
-        "follow), reported beside the default job as job_cpus_<CPUS> (e.g. 1.5 on 2 cores: 2 torch threads, "
-        "the reader lane on the half CPU left)",
+        help="CPUs the job's trainer reserves (scaling.cpus_per_worker), one comparison each: the loops train on "
+        "the job's torch threads (CPUS rounded up), the reader lanes get the CPUs left (default: 1; e.g. 1 1.5 "
+        "on 2 cores adds the demo recipe's setting: 2 torch threads, the lane on the half CPU left)",
     )
     parser.add_argument(
         "--repeats",
@@ -214,7 +215,7 @@ def _run_train(args: argparse.Namespace) -> dict:
         batch_sizes={size: args.batch_size for size in args.sizes} if args.batch_size else None,
         steps=args.steps,
         warmup=args.warmup,
-        job_variant_cpus=tuple(args.job_variant_cpus),
+        trainer_cpus=tuple(args.trainer_cpus),
         repeats=args.repeats,
     )
 

@@ -199,6 +199,12 @@ class PretrainConfig:
         return self.optim.batch_size // self.scaling.workers
 
     @property
+    def trainer_threads(self) -> int:
+        """Torch threads of a training worker: ``training.torch_threads``, or the CPUs it reserves
+        (``scaling.cpus_per_worker`` rounded up, at least 1); the reader lanes have the others."""
+        return self.training.torch_threads or max(1, math.ceil(self.scaling.cpus_per_worker))
+
+    @property
     def base_lr(self) -> float:
         """The lr at the schedule's start, after the linear scaling rule if enabled."""
         return self.optim.lr * self.optim.batch_size / 256 if self.optim.scale_lr else self.optim.lr

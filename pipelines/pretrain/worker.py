@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import posixpath
 import tempfile
 import time
@@ -85,7 +84,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = config_from_mapping(loop_config["config"])
     # The trainer's CPUs, no more: the reader lanes have the others (issue: oversubscribed cores
     # made the job run at a fraction of its own step's speed).
-    torch.set_num_threads(config.training.torch_threads or max(1, math.ceil(config.scaling.cpus_per_worker)))
+    torch.set_num_threads(config.trainer_threads)
     PretrainRunner(config, plan).run()
 
 

@@ -134,3 +134,11 @@ def test_a_bench_measurement_runs_in_a_new_process_and_a_failure_names_it():
     assert measure_in_fresh_process("os:getpid", "bench test") != os.getpid()
     with pytest.raises(RuntimeError, match="bench test: the measurement failed"):
         measure_in_fresh_process("os:getpid", "bench test", unexpected=1)
+
+
+@pytest.mark.parametrize("cpus", ["0", "-1", "two", "inf"])
+def test_bench_train_refuses_a_trainer_cpu_count_that_is_not_positive(cpus, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "train", "--trainer-cpus", "1", cpus])
+    assert stopped.value.code == 2  # argparse's usage error, before any corpus is built
+    assert "--trainer-cpus: expected a positive number" in capsys.readouterr().err

@@ -134,3 +134,11 @@ def test_iteration_based_and_epoch_based_step_planning():
     assert plan_steps(load_config("ig1b-v1"), 10_000_000)[1] == 1_250_000
     with pytest.raises(ConfigError, match="larger than the training data"):
         plan_steps(load_config("demo"), 100)
+
+
+def test_the_trainer_trains_on_the_cpus_it_reserves_unless_told_otherwise():
+    assert load_config("demo", ["scaling.cpus_per_worker=1"]).trainer_threads == 1
+    assert load_config("demo", ["scaling.cpus_per_worker=1.5"]).trainer_threads == 2  # rounded up
+    assert load_config("demo", ["scaling.cpus_per_worker=0.5"]).trainer_threads == 1
+    assert load_config("demo", ["scaling.cpus_per_worker=0"]).trainer_threads == 1  # at least one
+    assert load_config("demo", ["scaling.cpus_per_worker=8", "training.torch_threads=3"]).trainer_threads == 3
