@@ -17,7 +17,14 @@ from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco_core.encoders import SUPPORTED_ARCHS
 from moco_core.linear_probe import LinearProbeSettings
 from pipelines.config import ConfigError, apply_overrides, from_dict, load_yaml
-from pipelines.pretrain.config import RECIPES_DIR, DataSection, ScalingSection, TrackingSection, recipe_path
+from pipelines.pretrain.config import (
+    RECIPES_DIR,
+    DataSection,
+    ScalingSection,
+    TrackingSection,
+    recipe_path,
+    trainer_threads,
+)
 
 PROBE_RECIPES_DIR = RECIPES_DIR / "probe"
 DEFAULT_PROBE_RECIPE = "lincls"
@@ -124,6 +131,11 @@ class ProbeConfig:
     @property
     def per_worker_batch_size(self) -> int:
         return self.optim.batch_size // self.scaling.workers
+
+    @property
+    def trainer_threads(self) -> int:
+        """Torch threads of a training worker (:func:`~pipelines.pretrain.config.trainer_threads`)."""
+        return trainer_threads(self.training.torch_threads, self.scaling.cpus_per_worker)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid key."""

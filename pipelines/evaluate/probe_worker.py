@@ -98,7 +98,7 @@ def probe_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if loop_config["plan"].console is not None:
         forward_notes(loop_config["plan"].console)
     config = probe_config_from_mapping(loop_config["config"])
-    torch.set_num_threads(config.training.torch_threads or max(1, math.ceil(config.scaling.cpus_per_worker)))
+    torch.set_num_threads(config.trainer_threads)
     FullProbeRunner(config, loop_config["plan"]).run()
 
 

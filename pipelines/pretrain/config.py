@@ -202,7 +202,7 @@ class PretrainConfig:
     def trainer_threads(self) -> int:
         """Torch threads of a training worker: ``training.torch_threads``, or the CPUs it reserves
         (``scaling.cpus_per_worker`` rounded up, at least 1); the reader lanes have the others."""
-        return self.training.torch_threads or max(1, math.ceil(self.scaling.cpus_per_worker))
+        return trainer_threads(self.training.torch_threads, self.scaling.cpus_per_worker)
 
     @property
     def base_lr(self) -> float:
@@ -291,6 +291,12 @@ class PretrainConfig:
             self.augment.resolve(on_gpu=False).validate()
         except ValueError as error:
             raise ConfigError(str(error)) from None
+
+
+def trainer_threads(torch_threads: int, cpus_per_worker: float) -> int:
+    """Torch threads of a training worker: ``torch_threads`` if set (> 0), else the CPUs it reserves
+    rounded up, at least 1 (pretraining and the full probe alike)."""
+    return torch_threads or max(1, math.ceil(cpus_per_worker))
 
 
 def recipe_path(name_or_path: str, directory: Path = RECIPES_DIR, kind: str = "recipe") -> Path:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD, PHOTOMETRIC_RECIPES, PhotometricRecipe
 from pipelines.config import ConfigError, apply_overrides
+from pipelines.evaluate.probe_config import load_probe_config
 from pipelines.ingest.views import EvalViewFunction
 from pipelines.pretrain.config import load_config, plan_steps
 
@@ -142,3 +143,5 @@ def test_the_trainer_trains_on_the_cpus_it_reserves_unless_told_otherwise():
     assert load_config("demo", ["scaling.cpus_per_worker=0.5"]).trainer_threads == 1
     assert load_config("demo", ["scaling.cpus_per_worker=0"]).trainer_threads == 1  # at least one
     assert load_config("demo", ["scaling.cpus_per_worker=8", "training.torch_threads=3"]).trainer_threads == 3
+    assert load_probe_config("lincls", ["scaling.cpus_per_worker=1.5"]).trainer_threads == 2  # the probe alike
+    assert load_probe_config("lincls", ["scaling.cpus_per_worker=4", "training.torch_threads=1"]).trainer_threads == 1
