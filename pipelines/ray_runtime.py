@@ -10,6 +10,7 @@ them on the terminal as well. Our workers' progress reaches the terminal through
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -30,6 +31,16 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # Raised by Ray Train's own default ingest options; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*exclude_resources.*deprecated")
+
+
+def release_finished_datasets() -> None:
+    """Free the object-store copies a finished Ray Data execution was given (a backbone, a read plan).
+
+    The driver's finished operators hold those references in reference cycles, so the copies stay
+    pinned until Python's next full collection; a process that runs one job after another (a Tune
+    trial, a notebook, the test suite) would fill the object store and spill to disk meanwhile.
+    """
+    gc.collect()
 
 
 def on_this_node() -> dict[str, Any]:

@@ -364,7 +364,7 @@ def extract_cached_features(
     """
     import ray
 
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.ray_runtime import ensure_ray, release_finished_datasets
 
     train = plan_labelled(train_paths, config, "--train")
     val = plan_labelled(val_paths, config, "--val")
@@ -385,6 +385,8 @@ def extract_cached_features(
     shared = ray.put((backbone.arch, backbone.small_image_stem, backbone.state_dict))
     train_set, train_skipped = _extract_split(train, config, view, shared, config.cached.augmented_copies, None)
     val_set, val_skipped = _extract_split(val, config, view, shared, 0, mapping)
+    del shared
+    release_finished_datasets()
     num_classes = len(class_names) or int(max(train_set.labels.max(), val_set.labels.max())) + 1
     result = CachedFeatures(
         train_set,

@@ -1,5 +1,6 @@
 """moco probe (full and cached), moco knn: end to end on tiny labelled shards, with MLflow."""
 
+import gc
 import json
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def colour_shards(tmp_path_factory):
     module, _ = build_backbone("resnet18", small_image_stem=True)
     torch.save(module.state_dict(), root / "backbone.pth")
     return str(root / "backbone.pth"), str(root / "shards_train"), str(root / "shards_val")
+
+
+def _live_object_refs(ray) -> set[str]:
+    return {item.hex() for item in gc.get_objects() if isinstance(item, ray.ObjectRef)}
 
 
 def _config(tmp_path, *extra):
@@ -151,6 +156,7 @@ def test_cached_probe_with_augmented_copies_and_knn_share_the_cache(ray_cluster,
     from pipelines.evaluate.knn import run_knn
 
     backbone, train, val = colour_shards
+    refs_before = _live_object_refs(ray_cluster)
     copies = run_probe(
         backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path, "optim.epochs=10", "cached.augmented_copies=2")
     )
@@ -160,6 +166,8 @@ def test_cached_probe_with_augmented_copies_and_knn_share_the_cache(ray_cluster,
     knn = run_knn(backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=10, temperature=0.1)
     assert knn["top1"] >= 90.0 and knn["bank_images"] == 36 and knn["query_images"] == 12
     assert knn["features_reused"] is False  # centre crops only: another key than with copies
+    # Nothing of the extractions stays pinned in the object store (it would fill it over a sweep).
+    assert _live_object_refs(ray_cluster) <= refs_before
     knn_again = run_knn(backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=10, temperature=0.1)
     assert knn_again["features_reused"] is True and knn_again["top1"] == knn["top1"]
 
