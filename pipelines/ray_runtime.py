@@ -67,9 +67,18 @@ def ensure_ray() -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS") or "local"
     debug = debug_enabled()
+    options: dict[str, Any] = {}
+    if address == "local":
+        # Ray's dashboard costs a local run 0.04 of a core while idle (docs/BENCHMARKS.md), which a
+        # 2-core machine's training misses; --debug starts it for looking inside a run.
+        options["include_dashboard"] = debug
     # log_to_driver: whether Ray copies every worker's and actor's output to this terminal.
     context = ray.init(
-        address=address, log_to_driver=debug, configure_logging=True, logging_level="INFO" if debug else "ERROR"
+        address=address,
+        log_to_driver=debug,
+        configure_logging=True,
+        logging_level="INFO" if debug else "ERROR",
+        **options,
     )
     if not debug:
         _keep_raylet_messages_in_logs()
