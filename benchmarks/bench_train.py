@@ -239,9 +239,10 @@ def _case(
     ]
     #: (trainer CPUs or None, path) -> the overrides it runs with
     paths: dict[tuple[str | None, str], list[str]] = {(None, "single_process"): overrides}
-    for cpus in trainer_cpus:
+    cpus_labels = [f"{cpus:g}" for cpus in trainer_cpus]  # also the JSON keys
+    for cpus in cpus_labels:
         for name in ("step_alone", "bare_loop", "job"):
-            paths[(f"{cpus:g}", name)] = overrides + [f"scaling.cpus_per_worker={cpus:g}"]
+            paths[(cpus, name)] = overrides + [f"scaling.cpus_per_worker={cpus}"]
     rounds: dict[tuple[str | None, str], list[dict]] = {}
     for _ in range(repeats):
         for (cpus, name), path_overrides in paths.items():
@@ -263,7 +264,7 @@ def _case(
     }
     single = medians[(None, "single_process")]
     by_cpus: dict[str, dict] = {}
-    for cpus in (f"{cpus:g}" for cpus in trainer_cpus):
+    for cpus in cpus_labels:
         figures = {name: medians[(cpus, name)] for name in ("step_alone", "bare_loop", "job")}
         figures["torch_threads"] = figures["step_alone"]["torch_threads"]
         baselines = {"step_alone": figures["step_alone"], "bare_loop": figures["bare_loop"], "single_process": single}
@@ -307,5 +308,5 @@ def run_train_benchmark(
         },
         "machine": machine_info(torch.device("cpu")),
         "by_size": by_size,
-        "ratio": by_size[str(sizes[0])]["trainer_cpus"][f"{trainer_cpus[0]:g}"]["ratios"]["bare_loop"],
+        "ratio": next(iter(by_size[str(sizes[0])]["trainer_cpus"].values()))["ratios"]["bare_loop"],
     }

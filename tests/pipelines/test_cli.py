@@ -128,6 +128,30 @@ def test_bench_train_reports_the_median_of_its_rounds():
     assert median_of(rounds, "steps") == 70
 
 
+def test_bench_train_compares_the_job_per_trainer_cpu_count_on_the_medians(monkeypatch, tmp_path):
+    import benchmarks.bench_train as bench_train
+
+    speeds = {"single_process": [95.0, 20.0, 96.0], "step_alone": [100.0] * 3, "bare_loop": [90.0] * 3}
+    speeds["job"] = [88.0, 89.0, 10.0]
+    calls: list[tuple[str, str]] = []
+
+    def measure(target, label, path, overrides, **_):
+        calls.append((path, overrides[-1]))
+        threads = 2 if overrides[-1] == "scaling.cpus_per_worker=1.5" else 1
+        return {"img_per_s": speeds[path][sum(1 for call in calls if call == calls[-1]) - 1], "torch_threads": threads}
+
+    monkeypatch.setattr(bench_train, "small_corpus_with_shards", lambda work: ({"path": "corpus"}, "shards"))
+    monkeypatch.setattr(bench_train, "measure_in_fresh_process", measure)
+    case = bench_train._case(32, 128, 5, 2, tmp_path, 100, (1.0, 1.5), 3)
+    assert len(calls) == 3 * (1 + 2 * 3)  # the single process once per round, three paths per CPU count
+    assert case["single_process"]["img_per_s"] == 95.0 and case["single_process"]["runs"] == [95.0, 20.0, 96.0]
+    assert set(case["trainer_cpus"]) == {"1", "1.5"}
+    for cpus, threads in (("1", 1), ("1.5", 2)):
+        figures = case["trainer_cpus"][cpus]
+        assert figures["torch_threads"] == threads and figures["job"]["img_per_s"] == 88.0
+        assert figures["ratios"] == {"step_alone": 0.88, "bare_loop": 0.978, "single_process": 0.926}
+
+
 def test_a_bench_measurement_runs_in_a_new_process_and_a_failure_names_it():
     from benchmarks.common import measure_in_fresh_process
 
