@@ -115,31 +115,6 @@ def _trained_images(run_dir: Path) -> list[tuple[int, int]]:
     return [image for images in final.values() for image in images]
 
 
-def test_resume_continues_a_stopped_run(ray_cluster, tiny_shards, tmp_path):
-    import mlflow
-
-    train, _ = tiny_shards
-    run_dir = str(tmp_path / "run")
-    config = _config(tmp_path, "debug.fail_at_step=5", "debug.record_batches=true")
-    # Checkpoints every 2 steps (and at the end of epoch 0, step 4): the newest is step 4.
-    with pytest.raises(RunFailed, match=r"injected failure at step 5.*resume from step 4 with --resume"):
-        run_pretraining(config, [train], run_dir)
-    assert read_pointer(run_dir)["step"] == 4
-    client = mlflow.MlflowClient(tracking_uri=config.tracking.uri)
-    run_id = read_pointer(run_dir)["mlflow_run_id"]
-    assert client.get_run(run_id).info.status == "FAILED"
-    with pytest.raises(ConfigError, match="already holds a run"):
-        run_pretraining(config, [train], run_dir)
-    resumed_config, inputs = load_run_for_resume(run_dir, ["debug.fail_at_step=0"])
-    summary = run_pretraining(resumed_config, inputs["data"], run_dir, resume=True)
-    assert summary["steps"] == 8 and int(_checkpoint_model(summary)["queue.pointer"]) == (8 * 8) % 40
-    assert summary["mlflow_run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in lines if "loss" in row] == [2, 4, 6, 8]
-    trained = _trained_images(tmp_path / "run")
-    assert sorted(trained) == [(epoch, index) for epoch in (0, 1) for index in range(32)]
-
-
 def test_tracking_server_down_does_not_stop_training(ray_cluster, tiny_shards, tmp_path, capfd):
     train, _ = tiny_shards
     config = load_config("demo", TINY + ["tracking.uri=http://127.0.0.1:9", "training.epochs=1"])
@@ -202,11 +177,21 @@ def _truncate(path: Path) -> None:
 EPOCH_END_CHECKPOINTS = ("training.epochs=3", "checkpoint.every_steps=0", "debug.record_batches=true")
 
 
-def test_resume_passes_over_a_damaged_checkpoint_and_a_garbage_pointer(ray_cluster, tiny_shards, tmp_path, capfd):
+def test_resume_continues_a_stopped_run_past_a_damaged_checkpoint_and_a_garbage_pointer(
+    ray_cluster, tiny_shards, tmp_path, capfd
+):
+    import mlflow
+
     train, _ = tiny_shards
     run_dir = tmp_path / "run"
-    config = _config(tmp_path, *EPOCH_END_CHECKPOINTS, "debug.fail_at_step=9", "tracking.enabled=false")
-    with pytest.raises(RunFailed):
+    config = _config(tmp_path, *EPOCH_END_CHECKPOINTS, "debug.fail_at_step=9")
+    with pytest.raises(RunFailed, match=r"injected failure at step 9.*resume from step 8 with --resume"):
+        run_pretraining(config, [train], str(run_dir))
+    assert read_pointer(str(run_dir))["step"] == 8
+    client = mlflow.MlflowClient(tracking_uri=config.tracking.uri)
+    run_id = read_pointer(str(run_dir))["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FAILED"
+    with pytest.raises(ConfigError, match="already holds a run"):
         run_pretraining(config, [train], str(run_dir))
     damaged = run_dir / "train" / "checkpoint_step000000008" / "model.pt"  # the newest
     _truncate(damaged)
@@ -219,6 +204,11 @@ def test_resume_passes_over_a_damaged_checkpoint_and_a_garbage_pointer(ray_clust
     assert f"warning: {damaged} has " in err and "resuming from step 4" in err
     assert err.count(str(damaged)) == 1 and "resuming at step 4 (epoch 1)" in err  # the workers warn no more
     assert summary["steps"] == 12 and read_pointer(str(run_dir))["step"] == 12
+    assert int(_checkpoint_model(summary)["queue.pointer"]) == (12 * 8) % 40
+    # The same MLflow run (its id is in the checkpoint, not only in the pointer), finished now.
+    assert summary["mlflow_run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss" in row] == [2, 4, 6, 8, 6, 8, 10, 12]  # appended on resume
     trained = _trained_images(run_dir)  # steps 5 to 8 trained again, on the same images
     assert sorted(trained) == [(epoch, index) for epoch in (0, 1, 2) for index in range(32)]
     # Step 8 trained again went to a directory of its own beside the damaged one.
