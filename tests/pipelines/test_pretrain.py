@@ -115,15 +115,6 @@ def _trained_images(run_dir: Path) -> list[tuple[int, int]]:
     return [image for images in final.values() for image in images]
 
 
-def test_tracking_server_down_does_not_stop_training(ray_cluster, tiny_shards, tmp_path, capfd):
-    train, _ = tiny_shards
-    config = load_config("demo", TINY + ["tracking.uri=http://127.0.0.1:9", "training.epochs=1"])
-    summary = run_pretraining(config, [train], str(tmp_path / "run"))
-    assert summary["steps"] == 4 and summary["mlflow_run_id"] is None
-    assert "MLflow" in capfd.readouterr().err
-    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"loss"') == 2  # steps 2 and 4
-
-
 @pytest.mark.parametrize(
     "arguments,message",
     [
@@ -220,23 +211,32 @@ def test_resume_continues_a_stopped_run_past_a_damaged_checkpoint_and_a_garbage_
         run_pretraining(resumed_config, inputs["data"], str(run_dir), resume=True)
 
 
-def test_a_failed_worker_restarts_from_the_newest_intact_checkpoint(ray_cluster, tiny_shards, tmp_path, capfd):
+def test_a_failed_worker_restarts_from_the_newest_intact_checkpoint_with_the_tracking_server_down(
+    ray_cluster, tiny_shards, tmp_path, capfd
+):
     """Ray Train restarts the worker group (scaling.max_failures) and the run goes on from the newest
-    checkpoint that is intact: the newest one (step 8) is damaged, so from step 4."""
+    checkpoint that is intact: the newest one (step 8) is damaged, so from step 4. The MLflow server
+    is down throughout (nothing listens on port 9): training goes on, recorded in metrics.jsonl."""
     train, _ = tiny_shards
-    config = _config(
-        tmp_path,
-        *EPOCH_END_CHECKPOINTS,
-        "debug.fail_at_step=9",
-        "debug.damage_checkpoint_at_step=8",
-        "scaling.max_failures=1",
-        "tracking.enabled=false",
+    config = load_config(
+        "demo",
+        TINY
+        + [
+            *EPOCH_END_CHECKPOINTS,
+            "debug.fail_at_step=9",
+            "debug.damage_checkpoint_at_step=8",
+            "scaling.max_failures=1",
+            "tracking.uri=http://127.0.0.1:9",
+        ],
     )
     summary = run_pretraining(config, [train], str(tmp_path / "run"))
     err = capfd.readouterr().err
     damaged = tmp_path / "run" / "train" / "checkpoint_step000000008" / "model.pt"
     assert f"warning: {damaged} has " in err and "restoring an older checkpoint" in err
     assert "resuming at step 4 (epoch 1)" in err
+    assert "warning: MLflow" in err and summary["mlflow_run_id"] is None
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss" in row] == [2, 4, 6, 8, 6, 8, 10, 12]
     assert summary["steps"] == summary["total_steps"] == 12
     assert summary["images_seen"] == 12 * 8  # counted from the restored checkpoint on, not twice
     assert summary["queue_identical_across_workers"] is True

@@ -32,7 +32,8 @@ def shards(tmp_path_factory) -> str:
 
 
 def _pretrain(shards: str, tmp_path: Path, *extra: str) -> list[str]:
-    overrides = [item for key in TINY for item in ("--set", key)]
+    # One worker: these tests are about stopping the process (test_pretrain.py covers two workers).
+    overrides = [item for key in [*TINY, "scaling.workers=1"] for item in ("--set", key)]
     return [
         sys.executable,
         "-m",
@@ -152,6 +153,6 @@ def test_a_run_this_machine_cannot_take_is_refused_before_anything_is_created(sh
     finished = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert finished.returncode == 1
     lines = finished.stderr.strip().splitlines()
-    assert lines[-1].startswith("moco: error: the trainer asks for 128 GPUs and this machine has ")
+    assert lines[-1].startswith("moco: error: the trainer asks for 64 GPUs and this machine has ")
     assert [line for line in lines if RAY_LINE.search(line)] == []
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "mlflow.db").exists()
