@@ -4,7 +4,8 @@
 (:func:`pipelines.ingest.stream.build_view_dataset`, storage order, one pass), turns every image
 into its evaluation view (centre crop), plus ``cached.augmented_copies`` training views per training
 image, and runs the backbone over them in Ray Data ``map_batches`` actors (one per GPU, else one
-using the CPUs the readers leave). The features land in ``CACHE/<key>/`` as ``.npy`` files with a
+using the CPUs the readers leave). All of these passes are one Ray Data execution, so the actors
+start (a process, torch, the weights) once per extraction. The features land in ``CACHE/<key>/`` as ``.npy`` files with a
 ``meta.json``; ``key`` hashes the weights, the data, the views and the columns, so the same
 backbone and data reuse the cache and anything else gets its own.
 
@@ -234,13 +235,8 @@ class BackboneFeatures:
         images = normalize_batch(torch.from_numpy(batch["image"]).to(self.device), self.mean, self.std)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             features = self.module(images)
-        return {
-            "features": features.float().cpu().numpy(),
-            "label": batch["label"],
-            "index": batch["index"],
-            "epoch": batch["epoch"],
-            "position": batch["position"],
-        }
+        rest = {name: values for name, values in batch.items() if name != "image"}  # labels, positions, ...
+        return {"features": features.float().cpu().numpy(), **rest}
 
 
 def _extraction_resources(config: ProbeConfig) -> tuple[int, float, int, float, int]:
@@ -260,91 +256,143 @@ def _extraction_resources(config: ProbeConfig) -> tuple[int, float, int, float, 
     return actors, actor_cpus, 0, lane_cpus, lanes
 
 
-def _run_extraction(
-    collection: Collection, view_function: Any, epochs: int, config: ProbeConfig, view: ProbeView, shared: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(features, labels, dataset index, epoch) of every decodable image, for ``epochs`` passes."""
+@dataclass(frozen=True)
+class _Pass:
+    """One stream of views to extract: ``epochs`` passes of ``view_function`` over ``collection``."""
+
+    collection: Collection
+    view_function: Any
+    epochs: int = 1
+
+
+@dataclass(frozen=True)
+class _Extracted:
+    """Features of every decodable image of a pass, sorted by (epoch, dataset index, position)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    epoch: np.ndarray
+    epochs: int
+
+
+def _tag_pass(batch: dict[str, np.ndarray], extraction: int) -> dict[str, np.ndarray]:
+    """Ray Data map: the pass a row belongs to, as an ``extraction`` column."""
+    return {**batch, "extraction": np.full(len(batch["label"]), extraction, dtype=np.int64)}
+
+
+def _run_extraction(passes: list[_Pass], config: ProbeConfig, view: ProbeView, shared: Any) -> list[_Extracted]:
+    """Every pass's features, in one Ray Data execution: the passes' reader lanes feed one pool
+    of backbone actors, whose start-up (a process, torch, the weights) is paid once."""
     import ray
 
     from pipelines.ingest.stream import build_view_dataset, plan_layout
 
     actors, actor_cpus, actor_gpus, lane_cpus, lanes = _extraction_resources(config)
-    layout = plan_layout(
-        collection, lanes_per_worker=min(lanes, len(collection.units)), seed=config.training.seed, shuffle=False
+    tagged = []
+    for number, extraction in enumerate(passes):
+        collection = extraction.collection
+        layout = plan_layout(
+            collection, lanes_per_worker=min(lanes, len(collection.units)), seed=config.training.seed, shuffle=False
+        )
+        stream = build_view_dataset(
+            collection,
+            extraction.view_function,
+            layout,
+            end_epoch=extraction.epochs,
+            lane_cpus=lane_cpus,
+            lane_resources=config.data.reader_resources,
+        )
+        # No CPU of its own: a column added to each block must not wait behind the lanes and actors.
+        tagged.append(stream.dataset.map_batches(_tag_pass, fn_kwargs={"extraction": number}, num_cpus=0))
+    features = (
+        tagged[0]
+        .union(*tagged[1:])
+        .map_batches(
+            BackboneFeatures,
+            fn_constructor_kwargs={
+                "shared": [shared],
+                "mean": view.mean,
+                "std": view.std,
+                "precision": config.training.precision,
+                "threads": math.ceil(actor_cpus),
+            },
+            batch_size=config.cached.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=actor_cpus,
+            num_gpus=actor_gpus,
+        )
     )
-    stream = build_view_dataset(
-        collection,
-        view_function,
-        layout,
-        end_epoch=epochs,
-        lane_cpus=lane_cpus,
-        lane_resources=config.data.reader_resources,
-    )
-    features = stream.dataset.map_batches(
-        BackboneFeatures,
-        fn_constructor_kwargs={
-            "shared": [shared],
-            "mean": view.mean,
-            "std": view.std,
-            "precision": config.training.precision,
-            "threads": math.ceil(actor_cpus),
-        },
-        batch_size=config.cached.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=actor_cpus,
-        num_gpus=actor_gpus,
-    )
-    parts: dict[str, list[np.ndarray]] = {"features": [], "label": [], "index": [], "epoch": [], "position": []}
-    expected = (collection.num_images or 0) * epochs
+    names = ("features", "label", "index", "epoch", "position", "extraction")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    expected = sum((extraction.collection.num_images or 0) * extraction.epochs for extraction in passes)
     done, last_note = 0, time.monotonic()
     for batch in features.iter_batches(batch_size=None, batch_format="numpy"):
-        for name in parts:
+        for name in names:
             parts[name].append(batch[name])
         done += len(batch["label"])
         if time.monotonic() - last_note > 30:
             note(f"  features: {done}/{expected} images")
             last_note = time.monotonic()
-    if not parts["label"]:
-        raise ConfigError("no image could be decoded for feature extraction")
-    joined = {name: np.concatenate(values) for name, values in parts.items()}
-    order = np.lexsort((joined["position"], joined["index"], joined["epoch"]))
-    return joined["features"][order], joined["label"][order], joined["index"][order], joined["epoch"][order]
+    joined = {name: np.concatenate(values) if values else np.zeros(0) for name, values in parts.items()}
+    results = []
+    for number in range(len(passes)):
+        rows = np.flatnonzero(joined["extraction"] == number)
+        if not len(rows):
+            raise ConfigError("no image could be decoded for feature extraction")
+        rows = rows[np.lexsort((joined["position"][rows], joined["index"][rows], joined["epoch"][rows]))]
+        results.append(
+            _Extracted(
+                joined["features"][rows],
+                joined["label"][rows],
+                joined["index"][rows],
+                joined["epoch"][rows],
+                passes[number].epochs,
+            )
+        )
+    return results
 
 
-def _extract_split(
-    collection: Collection,
-    config: ProbeConfig,
-    view: ProbeView,
-    shared: Any,
-    copies: int,
-    mapping: np.ndarray | None,
+def _feature_set(
+    centre: _Extracted, copies: _Extracted | None, mapping: np.ndarray | None, num_images: int
 ) -> tuple[FeatureSet, int]:
-    """One split's feature set (centre crops, plus ``copies`` training views) and its skipped count."""
+    """A split's feature set (centre crops, stacked with the augmented copies of the images that
+    have all of them) and the count of images left out."""
+    labels = centre.labels if mapping is None else mapping[centre.labels]
+    if copies is None:
+        return FeatureSet(centre.features, labels), num_images - len(labels)
+    keep = np.ones(len(centre.index), dtype=bool)
+    rows_of_copy = []
+    for copy in range(copies.epochs):  # epoch e is copy e + 1
+        rows = np.flatnonzero(copies.epoch == copy)
+        row_of = dict(zip(copies.index[rows].tolist(), rows.tolist()))
+        keep &= np.array([image in row_of for image in centre.index.tolist()], dtype=bool)
+        rows_of_copy.append(row_of)
+    kept = centre.index[keep].tolist()
+    stacked = [centre.features[keep]] + [copies.features[[row_of[image] for image in kept]] for row_of in rows_of_copy]
+    return FeatureSet(np.stack(stacked), labels[keep]), num_images - len(kept)
+
+
+def _extract_splits(
+    train: Collection, val: Collection, config: ProbeConfig, view: ProbeView, shared: Any, mapping: np.ndarray | None
+) -> tuple[FeatureSet, int, FeatureSet, int]:
+    """The train and val feature sets (centre crops, plus ``cached.augmented_copies`` training views
+    per training image) and their skipped counts."""
     from pipelines.ingest.views import EvalViewFunction, RandomCropViewFunction
 
     limits = ImageLimits(min_side=config.data.min_side, max_pixels=config.data.max_pixels)
-    center = EvalViewFunction(view.size, limits, crop_fraction=view.crop_fraction)
-    features, labels, index, _ = _run_extraction(collection, center, 1, config, view, shared)
-    skipped = (collection.num_images or 0) - len(labels)
-    if mapping is not None:
-        labels = mapping[labels]
+    centre = EvalViewFunction(view.size, limits, crop_fraction=view.crop_fraction)
+    copies = config.cached.augmented_copies
+    passes = [_Pass(train, centre), _Pass(val, centre)]
     if copies:
-        if not collection.indexed:
+        if not train.indexed:
             raise ConfigError("cached.augmented_copies needs indexed data (shards written by 'moco shard', or Parquet)")
-        augment = RandomCropViewFunction(view.size, view.train_scale, limits)
-        extra, _, extra_index, extra_epoch = _run_extraction(collection, augment, copies, config, view, shared)
-        keep = np.ones(len(index), dtype=bool)
-        rows_of_copy = []
-        for copy in range(copies):  # epoch e of the augmented stream is copy e + 1
-            rows = np.flatnonzero(extra_epoch == copy)
-            row_of = dict(zip(extra_index[rows].tolist(), rows.tolist()))
-            keep &= np.array([image in row_of for image in index.tolist()], dtype=bool)
-            rows_of_copy.append(row_of)
-        kept = index[keep].tolist()
-        stacked = [features[keep]] + [extra[[row_of[image] for image in kept]] for row_of in rows_of_copy]
-        return FeatureSet(np.stack(stacked), labels[keep]), (collection.num_images or 0) - len(kept)
-    return FeatureSet(features, labels), skipped
+        passes.append(_Pass(train, RandomCropViewFunction(view.size, view.train_scale, limits), copies))
+    extracted = _run_extraction(passes, config, view, shared)
+    train_set, train_skipped = _feature_set(extracted[0], extracted[2] if copies else None, None, train.num_images or 0)
+    val_set, val_skipped = _feature_set(extracted[1], None, mapping, val.num_images or 0)
+    return train_set, train_skipped, val_set, val_skipped
 
 
 def extract_cached_features(
@@ -383,8 +431,7 @@ def extract_cached_features(
         f"{view.size} px" + (f", plus {copies} augmented copies of each training image" if copies else "")
     )
     shared = ray.put((backbone.arch, backbone.small_image_stem, backbone.state_dict))
-    train_set, train_skipped = _extract_split(train, config, view, shared, config.cached.augmented_copies, None)
-    val_set, val_skipped = _extract_split(val, config, view, shared, 0, mapping)
+    train_set, train_skipped, val_set, val_skipped = _extract_splits(train, val, config, view, shared, mapping)
     del shared
     release_finished_datasets()
     num_classes = len(class_names) or int(max(train_set.labels.max(), val_set.labels.max())) + 1

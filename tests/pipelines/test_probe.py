@@ -115,6 +115,22 @@ def test_sanity_check_finds_any_changed_weight_or_statistic():
     assert backbone_differences(module, reference) == ["layer2.0.bn1.running_mean"]
 
 
+def test_a_feature_set_stacks_the_copies_of_the_images_that_have_all_of_them():
+    from pipelines.evaluate.features import _Extracted, _feature_set
+
+    def extracted(index, epoch, epochs, base):
+        index, epoch = np.array(index), np.array(epoch)
+        return _Extracted(base + index[:, None] + 0.0 * np.ones((1, 2)), index % 2, index, epoch, epochs)
+
+    centre = extracted([0, 1, 2, 3], [0, 0, 0, 0], 1, 0.0)  # image 3 of 5 was not decodable
+    copies = extracted([0, 1, 3, 0, 3], [0, 0, 0, 1, 1], 2, 100.0)  # copy 2 lacks image 1
+    stacked, left_out = _feature_set(centre, copies, None, num_images=5)
+    assert stacked.features.shape == (3, 2, 2) and left_out == 3  # images 0 and 3 have every view
+    assert stacked.features[:, :, 0].tolist() == [[0.0, 3.0], [100.0, 103.0], [100.0, 103.0]]
+    plain, left_out = _feature_set(centre, None, np.array([1, 0]), num_images=5)
+    assert plain.labels.tolist() == [1, 0, 1, 0] and left_out == 1
+
+
 # ------------------------------------------------------------------------------ with Ray
 
 
