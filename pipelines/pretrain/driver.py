@@ -282,7 +282,11 @@ def run_pretraining(
     write_json(output, SUMMARY, summary)
     if outcome.get("stopped"):
         tracker.finish("FAILED")
-        raise RunFailed(f"{outcome['stopped']}; the last good checkpoint is {summary['checkpoint']}")
+        kept = summary["checkpoint"]
+        raise RunFailed(
+            f"{outcome['stopped']}; "
+            + (f"the last good checkpoint is {kept}" if kept else "it stopped before its first checkpoint")
+        )
     tracker.finish("FINISHED")
     return summary
 

@@ -536,6 +536,6 @@ class PretrainRunner:
             if knn is not None:
                 self.tracker.log_metrics({"knn_top1": knn}, self.state.step)
             if stopped:
-                note(f"stopped: {stopped}; the last good checkpoint is kept")
+                note(f"stopped: {stopped}")
             write_json(self.run_dir, WORKER_SUMMARY, outcome)
         ray.train.report({"steps": self.state.step})

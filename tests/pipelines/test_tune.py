@@ -120,6 +120,7 @@ def test_momentum_sweep_reports_every_trial_and_a_diverging_one_as_fail(
     ok, failed = summary["rows"]
     assert ok["status"] == "ok" and ok["probe_lr"] == 1.0 and isinstance(ok["top1"], float) and ok["steps"] == 4
     assert failed["status"] == "fail" and "non-finite" in failed["reason"] and failed.get("top1") is None
+    assert failed["reason"].endswith("it stopped before its first checkpoint")  # not "... checkpoint is None"
     assert summary["best"]["trial"] == ok["trial"] and Path(summary["plot"]).name == "momentum.png"
     children = _children(_client(summary), summary["mlflow_run_id"])
     assert set(children) == {ok["trial"], failed["trial"]}
