@@ -5,9 +5,9 @@
 into its evaluation view (centre crop), plus ``cached.augmented_copies`` training views per training
 image, and runs the backbone over them in Ray Data ``map_batches`` actors (one per GPU, else one
 using the CPUs the readers leave). All of these passes are one Ray Data execution, so the actors
-start (a process, torch, the weights) once per extraction. The features land in ``CACHE/<key>/`` as ``.npy`` files with a
-``meta.json``; ``key`` hashes the weights, the data, the views and the columns, so the same
-backbone and data reuse the cache and anything else gets its own.
+start (a process, torch, the weights) once per extraction. The features land in ``CACHE/<key>/``
+as ``.npy`` files with a ``meta.json``; ``key`` hashes the weights, the data, the views and the
+columns, so the same backbone and data reuse the cache and anything else gets its own.
 
 Features are held in the driver's memory while extracted (N x D x 4 bytes; 1.28M ImageNet images
 at D=2048 are 10 GiB).
