@@ -46,11 +46,11 @@ def _children(client, parent_id):
 
 @pytest.fixture(scope="module")
 def probe_sweep(ray_cluster, colour_shards, tmp_path_factory):
-    """A 2-trial probe grid (lr 1 against lr 1e-8: barely off its initialisation), 100 epochs each
-    so that the trials overlap."""
+    """A 2-trial probe grid (lr 1 against lr 1e-8: barely off its initialisation), 1,000 epochs
+    each (~1 s per 100 here) so that the trials outlast the ~1 s between their actors' starts."""
     backbone, train, val = colour_shards
     root = tmp_path_factory.mktemp("probe_sweep")
-    config = _probe_config(root, "optim.epochs=100", "optim.milestones=[80,90]")
+    config = _probe_config(root, "optim.epochs=1000", "optim.milestones=[800,900]")
     points = [{"optim.lr": 1.0}, {"optim.lr": 1e-8}]
     return run_probe_sweep(backbone, [train], [val], str(root / "sweep"), config, points)
 
@@ -60,7 +60,7 @@ def test_probe_grid_trials_share_the_features_run_concurrently_and_the_better_wi
     rows = {row["trial"]: row for row in summary["rows"]}
     assert [row["status"] for row in summary["rows"]] == ["ok", "ok"]
     assert summary["best"]["trial"] == "lr=1" and rows["lr=1"]["top1"] > rows["lr=1e-08"]["top1"]
-    assert rows["lr=1"]["top1"] >= 90.0 and rows["lr=1"]["epochs"] == 100
+    assert rows["lr=1"]["top1"] >= 90.0 and rows["lr=1"]["epochs"] == 1000
     first, second = sorted(summary["rows"], key=lambda row: row["started"])
     assert second["started"] < first["ended"], "the two trials did not run at the same time"
     assert summary["features_reused"] is False and len(list(Path(summary["features"]).parent.iterdir())) == 1
