@@ -112,7 +112,7 @@ class TrainingSection:
     epochs: float = 200.0
     total_steps: int = 0
     seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: the faster here (timed on CPUs), bf16 on GPUs
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 if clearly faster (timed on CPUs), bf16 on GPUs
     channels_last: bool = True
     compile: Literal["auto", "encoders", "none"] = "auto"  # auto: encoders on CUDA, none elsewhere
     log_every_steps: int = 10

@@ -74,6 +74,10 @@ from pipelines.run_console import forward_notes
 WORKER_SUMMARY = "worker_summary.json"
 #: images in the start-up forward + backward that picks the precision (``training.precision: auto``)
 PRECISION_PROBE_IMAGES = 8
+#: ``auto`` picks bf16 on a CPU only when the probe finds it at least this much faster: on a CPU
+#: where the two are close (5-7% apart on one 2-core host, 2026-12-02), the probe's noise picked
+#: either one run to run, so runs of the same config trained in different precisions
+BF16_MIN_SPEEDUP = 1.1
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -94,8 +98,8 @@ def compute_settings(
     """Autocast dtype and layout from ``training.precision`` / ``training.channels_last``, and why.
 
     ``auto`` on a CPU times a forward and backward of (a copy of) ``model``'s query encoder in
-    fp32 and in bf16 at the run's image size and keeps the faster; on a GPU it is bf16 where the
-    GPU supports it.
+    fp32 and in bf16 at the run's image size and picks bf16 only if it is ``BF16_MIN_SPEEDUP``
+    times faster; on a GPU it is bf16 where the GPU supports it.
     """
     channels_last = config.training.channels_last
     if config.training.precision != "auto":
@@ -114,9 +118,12 @@ def compute_settings(
         "fp32": fp32,
         "bf16": forward_backward_seconds(encoder, probe, ComputeSettings(torch.bfloat16, channels_last), 2, 3 * fp32),
     }
-    dtype = torch.bfloat16 if seconds["bf16"] < seconds["fp32"] else None
+    faster = seconds["bf16"] * BF16_MIN_SPEEDUP <= seconds["fp32"]
     timing = ", ".join(f"{name} {1000 * value:.0f} ms" for name, value in seconds.items())
-    return ComputeSettings(dtype, channels_last), f"faster here ({timing} per forward+backward of {len(probe)})"
+    why = "faster here" if faster else f"bf16 not {BF16_MIN_SPEEDUP:g}x faster here"
+    return ComputeSettings(torch.bfloat16 if faster else None, channels_last), (
+        f"{why} ({timing} per forward+backward of {len(probe)})"
+    )
 
 
 def compiles_encoders(config: PretrainConfig, device: torch.device) -> bool:

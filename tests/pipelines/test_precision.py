@@ -1,4 +1,5 @@
-"""training.precision: explicit values are obeyed; auto on a CPU keeps what a timed probe found faster.
+"""training.precision: explicit values are obeyed; auto on a CPU keeps bf16 only where a timed probe
+found it clearly faster.
 training.compile: auto compiles on CUDA only."""
 
 import pytest
@@ -18,8 +19,15 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize(("fp32_s", "bf16_s", "expected"), [(2.0, 1.0, torch.bfloat16), (1.0, 2.0, None)])
-def test_auto_keeps_the_faster_precision_on_a_cpu(monkeypatch, fp32_s, bf16_s, expected):
+@pytest.mark.parametrize(
+    ("fp32_s", "bf16_s", "expected", "why"),
+    [
+        (2.0, 1.0, torch.bfloat16, "faster here"),
+        (1.0, 2.0, None, "bf16 not 1.1x faster here"),
+        (1.0, 0.95, None, "bf16 not 1.1x faster here"),  # within the probe's noise: fp32, the same every run
+    ],
+)
+def test_auto_keeps_bf16_only_where_it_is_clearly_faster_on_a_cpu(monkeypatch, fp32_s, bf16_s, expected, why):
     config = load_config("demo", TINY)
     probed = []
 
@@ -31,7 +39,7 @@ def test_auto_keeps_the_faster_precision_on_a_cpu(monkeypatch, fp32_s, bf16_s, e
     model = build_model(config.model)
     before = {name: value.clone() for name, value in model.state_dict().items()}
     settings, reason = worker.compute_settings(config, torch.device("cpu"), model)
-    assert settings.autocast_dtype is expected and "faster here" in reason
+    assert settings.autocast_dtype is expected and reason.startswith(why)
     assert probed == [((8, 3, 16, 16), None), ((8, 3, 16, 16), torch.bfloat16)]  # at most 8 images of the run's size
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # a copy is probed
 
