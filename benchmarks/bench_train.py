@@ -112,6 +112,17 @@ class _Steps:
         timed = self.total_steps - warmup
         return timed * self.config.optim.batch_size / (self.ended_at[-1] - self.ended_at[warmup - 1])
 
+    def figures(self, warmup: int, started: float, **extra: object) -> dict:
+        """A path's result: images/s after ``warmup``, wall time since ``started``, the precision."""
+        from pipelines.pretrain.worker import PretrainRunner
+
+        return {
+            "img_per_s": self.images_per_s(warmup),
+            "wall_s": time.perf_counter() - started,
+            "precision": PretrainRunner.precision_name(self.settings),
+            **extra,
+        }
+
 
 def step_alone(config, images: list[bytes], steps: int, warmup: int, threads: int) -> dict:
     """train_step on views computed beforehand, cycled."""
@@ -130,7 +141,7 @@ def step_alone(config, images: list[bytes], steps: int, warmup: int, threads: in
     loop = _Steps(config, steps + warmup, "train_step alone")
     while loop.step(query[loop.done % 2], key[loop.done % 2]):
         pass
-    return {"img_per_s": loop.images_per_s(warmup), "wall_s": time.perf_counter() - start, "torch_threads": threads}
+    return loop.figures(warmup, start, torch_threads=threads)
 
 
 def bare_loop(config, paths: list[Path], steps: int, warmup: int, threads: int) -> dict:
@@ -156,7 +167,7 @@ def bare_loop(config, paths: list[Path], steps: int, warmup: int, threads: int) 
         for query, key in loader:
             if not (running := loop.step(prepare_model_input(query, augment), prepare_model_input(key, augment))):
                 break
-    return {"img_per_s": loop.images_per_s(warmup), "wall_s": time.perf_counter() - start, "torch_threads": threads}
+    return loop.figures(warmup, start, torch_threads=threads)
 
 
 def single_process(config, paths: list[Path], steps: int, warmup: int) -> dict:
@@ -177,7 +188,7 @@ def single_process(config, paths: list[Path], steps: int, warmup: int) -> dict:
         key = torch.stack([crop[1] for crop in crops]).contiguous(memory_format=torch.channels_last)
         if not loop.step(query, key):
             break
-    return {"img_per_s": loop.images_per_s(warmup), "wall_s": time.perf_counter() - start}
+    return loop.figures(warmup, start)
 
 
 def job(config, shards: str, warmup: int) -> dict:
@@ -195,7 +206,19 @@ def job(config, shards: str, warmup: int) -> dict:
         "wall_s": summary["seconds"],
         "data_wait_fraction": float(np.mean([row["data_wait_fraction"] for row in timed])),
         "steps": summary["steps"],
+        "precision": summary["precision"],
     }
+
+
+def resolve_precision(overrides: list[str]) -> dict:
+    """What ``training.precision`` resolves to for the bench's model on this CPU (``auto``: timed)."""
+    from moco_core.model import build_model
+    from pipelines.pretrain.config import load_config
+    from pipelines.pretrain.worker import PretrainRunner, compute_settings
+
+    config = load_config("in1m-v2", overrides)
+    settings, _ = compute_settings(config, torch.device("cpu"), build_model(config.model))
+    return {"precision": PretrainRunner.precision_name(settings)}
 
 
 def measure_path(path: str, overrides: list[str], corpus: str, shards: str, steps: int, warmup: int) -> dict:
@@ -237,6 +260,12 @@ def _case(
         f"training.total_steps={steps + warmup}",
         f"training.log_every_steps={warmup}",
     ]
+    # Resolved once, so that every path and round trains in the same precision (each resolving
+    # ``auto`` itself, they picked differently where fp32 and bf16 time close).
+    precision = measure_in_fresh_process(
+        "benchmarks.bench_train:resolve_precision", f"bench train {size}px precision", overrides=overrides
+    )["precision"]
+    overrides.append(f"training.precision={precision}")
     #: (trainer CPUs or None, path) -> the overrides it runs with
     paths: dict[tuple[str | None, str], list[str]] = {(None, "single_process"): overrides}
     cpus_labels = [f"{cpus:g}" for cpus in trainer_cpus]  # also the JSON keys
@@ -259,7 +288,10 @@ def _case(
             )
             rounds.setdefault((cpus, name), []).append(result)
     medians = {
-        key: {**{stat: median_of(runs, stat) for stat in runs[0]}, "runs": [round(run["img_per_s"], 3) for run in runs]}
+        key: {
+            **{stat: median_of(runs, stat) for stat in runs[0]},
+            "runs": [round(run["img_per_s"], 3) for run in runs],
+        }
         for key, runs in rounds.items()
     }
     single = medians[(None, "single_process")]
@@ -272,7 +304,13 @@ def _case(
             name: round(figures["job"]["img_per_s"] / baseline["img_per_s"], 3) for name, baseline in baselines.items()
         }
         by_cpus[cpus] = figures
-    return {"corpus": corpus, "batch_size": batch_size, "single_process": single, "trainer_cpus": by_cpus}
+    return {
+        "corpus": corpus,
+        "batch_size": batch_size,
+        "precision": precision,
+        "single_process": single,
+        "trainer_cpus": by_cpus,
+    }
 
 
 def run_train_benchmark(

@@ -138,11 +138,18 @@ def test_bench_train_compares_the_job_per_trainer_cpu_count_on_the_medians(monke
     def measure(target, label, path, overrides, **_):
         calls.append((path, overrides[-1]))
         threads = 2 if overrides[-1] == "scaling.cpus_per_worker=1.5" else 1
+        assert "training.precision=bf16" in overrides  # the one resolved, for every path
         return {"img_per_s": speeds[path][sum(1 for call in calls if call == calls[-1]) - 1], "torch_threads": threads}
 
+    def measure_or_resolve(target, label, **kwargs):
+        if target.endswith(":resolve_precision"):
+            return {"precision": "bf16"}
+        return measure(target, label, **kwargs)
+
     monkeypatch.setattr(bench_train, "small_corpus_with_shards", lambda work: ({"path": "corpus"}, "shards"))
-    monkeypatch.setattr(bench_train, "measure_in_fresh_process", measure)
+    monkeypatch.setattr(bench_train, "measure_in_fresh_process", measure_or_resolve)
     case = bench_train._case(32, 128, 5, 2, tmp_path, 100, (1.0, 1.5), 3)
+    assert case["precision"] == "bf16"
     assert len(calls) == 3 * (1 + 2 * 3)  # the single process once per round, three paths per CPU count
     assert case["single_process"]["img_per_s"] == 95.0 and case["single_process"]["runs"] == [95.0, 20.0, 96.0]
     assert set(case["trainer_cpus"]) == {"1", "1.5"}

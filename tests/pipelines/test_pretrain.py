@@ -59,6 +59,7 @@ def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards,
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.batch_size"] == "8" and run.data.params["scaling.workers"] == "2"
+    assert summary["precision"] == run.data.tags["precision"] == "fp32"  # what it trained in, for comparing runs
     for metric in (
         "loss",
         "pretext_top1",
