@@ -28,6 +28,7 @@ the Ray cluster itself is started before).
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -302,6 +303,12 @@ def _case(
         baselines = {"step_alone": figures["step_alone"], "bare_loop": figures["bare_loop"], "single_process": single}
         figures["ratios"] = {
             name: round(figures["job"]["img_per_s"] / baseline["img_per_s"], 3) for name, baseline in baselines.items()
+        }
+        # Each round's job over the same round's baseline, then the median: a host that speeds up
+        # or slows down between rounds moves both sides of a round alike.
+        figures["paired_ratios"] = {
+            name: round(statistics.median(job / base for job, base in zip(figures["job"]["runs"], baseline["runs"])), 3)
+            for name, baseline in baselines.items()
         }
         by_cpus[cpus] = figures
     return {

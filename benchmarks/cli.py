@@ -161,7 +161,8 @@ def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentPar
         "measure images/s of: train_step on precomputed views (the ceiling), train_step fed by a DataLoader "
         "with one worker, a single process applying torchvision's official transforms per image, and the "
         "moco pretrain Ray Train job (1 worker, reader lanes on the CPUs left). Same statistic everywhere: "
-        "images/s over the same steps after the warm-up; wall_s includes start-up. ratios = job / baseline.",
+        "images/s over the same steps after the warm-up; wall_s includes start-up. ratios = job / baseline "
+        "(medians); paired_ratios = the median over rounds of each round's job / that round's baseline.",
     )
     parser.add_argument(
         "--work-dir", default=None, help="where the corpora and shards are kept (default: <tmp>/moco-bench)"

@@ -131,7 +131,7 @@ def test_bench_train_reports_the_median_of_its_rounds():
 def test_bench_train_compares_the_job_per_trainer_cpu_count_on_the_medians(monkeypatch, tmp_path):
     import benchmarks.bench_train as bench_train
 
-    speeds = {"single_process": [95.0, 20.0, 96.0], "step_alone": [100.0] * 3, "bare_loop": [90.0] * 3}
+    speeds = {"single_process": [95.0, 20.0, 96.0], "step_alone": [100.0] * 3, "bare_loop": [90.0, 180.0, 45.0]}
     speeds["job"] = [88.0, 89.0, 10.0]
     calls: list[tuple[str, str]] = []
 
@@ -157,6 +157,8 @@ def test_bench_train_compares_the_job_per_trainer_cpu_count_on_the_medians(monke
         figures = case["trainer_cpus"][cpus]
         assert figures["torch_threads"] == threads and figures["job"]["img_per_s"] == 88.0
         assert figures["ratios"] == {"step_alone": 0.88, "bare_loop": 0.978, "single_process": 0.926}
+        # per round: job 88, 89, 10 over bare loop 90, 180, 45 -> 0.978, 0.494, 0.222
+        assert figures["paired_ratios"] == {"step_alone": 0.88, "bare_loop": 0.494, "single_process": 0.926}
 
 
 def test_a_bench_measurement_runs_in_a_new_process_and_a_failure_names_it():
