@@ -115,7 +115,7 @@ def run_step_benchmark(
     torch.manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, device=torch_device)
     best = ComputeSettings.for_device(torch_device)
-    precision = "bf16" if best.autocast_dtype is not None else "fp32"
+    precision = best.precision
 
     def moco_config(queue_size: int) -> ModelConfig:
         return ModelConfig(

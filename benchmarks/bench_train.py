@@ -115,12 +115,10 @@ class _Steps:
 
     def figures(self, warmup: int, started: float, **extra: object) -> dict:
         """A path's result: images/s after ``warmup``, wall time since ``started``, the precision."""
-        from pipelines.pretrain.worker import PretrainRunner
-
         return {
             "img_per_s": self.images_per_s(warmup),
             "wall_s": time.perf_counter() - started,
-            "precision": PretrainRunner.precision_name(self.settings),
+            "precision": self.settings.precision,
             **extra,
         }
 
@@ -215,11 +213,11 @@ def resolve_precision(overrides: list[str]) -> dict:
     """What ``training.precision`` resolves to for the bench's model on this CPU (``auto``: timed)."""
     from moco_core.model import build_model
     from pipelines.pretrain.config import load_config
-    from pipelines.pretrain.worker import PretrainRunner, compute_settings
+    from pipelines.pretrain.worker import compute_settings
 
     config = load_config("in1m-v2", overrides)
     settings, _ = compute_settings(config, torch.device("cpu"), build_model(config.model))
-    return {"precision": PretrainRunner.precision_name(settings)}
+    return {"precision": settings.precision}
 
 
 def measure_path(path: str, overrides: list[str], corpus: str, shards: str, steps: int, warmup: int) -> dict:

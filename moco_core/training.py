@@ -31,6 +31,11 @@ class ComputeSettings:
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
 
+    @property
+    def precision(self) -> str:
+        """``bf16`` or ``fp32``: what a step trains in, for logs, summaries and run tags."""
+        return "bf16" if self.autocast_dtype is not None else "fp32"
+
     @classmethod
     def for_device(cls, device: torch.device | str) -> ComputeSettings:
         """bf16 + channels_last where the device runs bf16 natively (recent GPUs, AVX512-BF16/AMX

@@ -212,13 +212,8 @@ class PretrainRunner:
             settings = ComputeSettings(torch.bfloat16 if use_bf16.item() else None, settings.channels_last)
         if self.rank == 0:
             note(f"precision: {'bf16 autocast' if settings.autocast_dtype else 'fp32'} ({reason})")
-            self.tracker.set_tags({"precision": self.precision_name(settings)})
+            self.tracker.set_tags({"precision": settings.precision})
         return settings
-
-    @staticmethod
-    def precision_name(settings: ComputeSettings) -> str:
-        """``bf16`` or ``fp32``: what the run trains in (``auto`` resolved), for its summary and MLflow."""
-        return "bf16" if settings.autocast_dtype is not None else "fp32"
 
     # ------------------------------------------------------------------ restore / checkpoint
 
@@ -535,7 +530,7 @@ class PretrainRunner:
             "pretext_top1": last.get("pretext_top1"),
             "knn_top1": knn,
             "knn_top1_random_init": self.state.knn_top1_random_init,
-            "precision": self.precision_name(self.settings),
+            "precision": self.settings.precision,
         }
         if stopped:
             outcome["stopped"] = stopped
