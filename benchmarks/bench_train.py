@@ -5,9 +5,14 @@ For each view size, on a corpus of that kind of image (ImageNet-like JPEGs for 6
 trainer CPU count ``C`` (``trainer_cpus``; the job's ``scaling.cpus_per_worker``):
 
 * ``step_alone``: ``moco_core.train_step`` on views computed beforehand (no data work at all),
-  on the job's torch threads: the job's ceiling, so ``job / step_alone`` is the job's own overhead;
+  on the job's torch threads and with its ``training.host_allocator``: the job's ceiling, so
+  ``job / step_alone`` is the job's own overhead;
 * ``bare_loop``: ``train_step`` on the job's torch threads, fed by a torch ``DataLoader`` whose
-  one worker process runs our per-image two-view transform on the image files;
+  one worker process runs our per-image two-view transform on the image files, with the C
+  library's allocator as it comes (as a user's script runs);
+* ``bare_loop_reuse``: the same loop with the job's ``training.host_allocator`` setting (malloc
+  keeps freed memory: pipelines/host_allocator.py), so the job's margin over ``bare_loop`` shows
+  how much of it is that setting;
 * ``job``: ``moco pretrain``'s Ray Train job with one worker reserving ``C`` CPUs (torch threads:
   ``C`` rounded up, ``PretrainConfig.trainer_threads``) and the reader lanes on the CPUs left,
   fed by the Ray Data stream;
@@ -40,6 +45,7 @@ from benchmarks.common import local_ray, machine_info, measure_in_fresh_process,
 from benchmarks.corpus import corpus_with_shards, default_work_dir, small_corpus_with_shards
 from benchmarks.official import official_two_crops
 from pipelines.console import Progress
+from pipelines.host_allocator import keep_freed_host_memory
 
 BENCH_OVERRIDES = [
     "model.arch=resnet18",
@@ -56,6 +62,8 @@ BENCH_OVERRIDES = [
     "tracking.enabled=false",
     "scaling.workers=1",
 ]
+#: the paths measured once per trainer CPU count (``single_process`` does not depend on it)
+JOB_AND_LOOPS = ("step_alone", "bare_loop", "bare_loop_reuse", "job")
 #: view size -> batch size used for that size
 DEFAULT_BATCH = {32: 128, 64: 64, 224: 32}
 
@@ -227,9 +235,11 @@ def measure_path(path: str, overrides: list[str], corpus: str, shards: str, step
     config = load_config("in1m-v2", overrides)
     files = sorted(Path(corpus).glob("*/*.*"))
     threads = config.trainer_threads  # the loops train on the job's torch threads
+    if path in ("step_alone", "bare_loop_reuse") and config.training.host_allocator == "reuse":
+        keep_freed_host_memory()
     if path == "step_alone":
         return step_alone(config, [file.read_bytes() for file in files[:64]], steps, warmup, threads)
-    if path == "bare_loop":
+    if path in ("bare_loop", "bare_loop_reuse"):
         return bare_loop(config, files, steps, warmup, threads)
     if path == "single_process":
         return single_process(config, files, steps, warmup)
@@ -269,7 +279,7 @@ def _case(
     paths: dict[tuple[str | None, str], list[str]] = {(None, "single_process"): overrides}
     cpus_labels = [f"{cpus:g}" for cpus in trainer_cpus]  # also the JSON keys
     for cpus in cpus_labels:
-        for name in ("step_alone", "bare_loop", "job"):
+        for name in JOB_AND_LOOPS:
             paths[(cpus, name)] = overrides + [f"scaling.cpus_per_worker={cpus}"]
     rounds: dict[tuple[str | None, str], list[dict]] = {}
     for _ in range(repeats):
@@ -296,9 +306,9 @@ def _case(
     single = medians[(None, "single_process")]
     by_cpus: dict[str, dict] = {}
     for cpus in cpus_labels:
-        figures = {name: medians[(cpus, name)] for name in ("step_alone", "bare_loop", "job")}
+        figures = {name: medians[(cpus, name)] for name in JOB_AND_LOOPS}
         figures["torch_threads"] = figures["step_alone"]["torch_threads"]
-        baselines = {"step_alone": figures["step_alone"], "bare_loop": figures["bare_loop"], "single_process": single}
+        baselines = {name: figures[name] for name in JOB_AND_LOOPS if name != "job"} | {"single_process": single}
         figures["ratios"] = {
             name: round(figures["job"]["img_per_s"] / baseline["img_per_s"], 3) for name, baseline in baselines.items()
         }

@@ -159,7 +159,8 @@ def _add_train(benches: argparse._SubParsersAction, common: argparse.ArgumentPar
         description="At each view size and trainer CPU count, with the same model, MoCo v2 augmentation, batch "
         "and trainer threads, "
         "measure images/s of: train_step on precomputed views (the ceiling), train_step fed by a DataLoader "
-        "with one worker, a single process applying torchvision's official transforms per image, and the "
+        "with one worker (bare_loop; bare_loop_reuse: with the job's training.host_allocator), a single process "
+        "applying torchvision's official transforms per image, and the "
         "moco pretrain Ray Train job (1 worker, reader lanes on the CPUs left). Same statistic everywhere: "
         "images/s over the same steps after the warm-up; wall_s includes start-up. ratios = job / baseline "
         "(medians); paired_ratios = the median over rounds of each round's job / that round's baseline.",

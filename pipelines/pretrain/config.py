@@ -117,6 +117,7 @@ class TrainingSection:
     compile: Literal["auto", "encoders", "none"] = "auto"  # auto: encoders on CUDA, none elsewhere
     log_every_steps: int = 10
     torch_threads: int = 0  # 0: the CPUs the worker reserves (scaling.cpus_per_worker), at least 1
+    host_allocator: Literal["reuse", "system"] = "reuse"  # reuse: malloc keeps freed memory for the next step
 
 
 @dataclass(frozen=True)

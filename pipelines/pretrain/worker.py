@@ -44,6 +44,7 @@ from moco_core.training import (
 )
 from pipelines.console import format_duration, note
 from pipelines.filesystems import join, resolve_filesystem
+from pipelines.host_allocator import keep_freed_host_memory
 from pipelines.ingest.stream import (
     StreamLayout,
     StreamProgress,
@@ -157,6 +158,8 @@ class PretrainRunner:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        # Before the model and the first batch: every step reuses the pages of the one before.
+        self.host_memory_reused = config.training.host_allocator == "reuse" and keep_freed_host_memory()
         self.augment = config.augment.resolve(on_gpu=self.device.type == "cuda")
         torch.manual_seed(config.training.seed + self.rank)
         self.total_steps = plan.total_steps
@@ -531,6 +534,7 @@ class PretrainRunner:
             "knn_top1": knn,
             "knn_top1_random_init": self.state.knn_top1_random_init,
             "precision": self.settings.precision,
+            "host_memory_reused": self.host_memory_reused,
         }
         if stopped:
             outcome["stopped"] = stopped

@@ -107,6 +107,7 @@ def test_overrides_parse_yaml_values_and_scientific_notation():
         ("model.batchnorm=shuffle", "needs scaling.workers > 1"),
         ("augment.crop_scale=[0.9, 0.1]", "augment.crop_scale"),
         ("augment.blur=box", "augment.blur='box' is invalid"),
+        ("training.host_allocator=fast", "training.host_allocator='fast' is invalid"),
         ("augment.mean=[0.5, 0.5]", "augment.mean=[0.5, 0.5] is invalid: expected three finite values"),
         ("augment.std=[0.2, 0, 0.2]", "augment.std=[0.2, 0.0, 0.2] is invalid: expected three finite values > 0"),
         ("augment.std=0.2", "augment.std=0.2 is invalid: expected a list of float"),

@@ -2,6 +2,7 @@
 
 import json
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def test_two_worker_pretraining_end_to_end_with_mlflow(ray_cluster, tiny_shards,
     for knn in (summary["knn_top1"], summary["knn_top1_random_init"]):  # accuracies over the 12 val images
         assert knn * 12 / 100 == pytest.approx(round(knn * 12 / 100), abs=1e-6)
     assert summary["skipped_images"] == 0 and "stopped" not in summary
+    assert summary["host_memory_reused"] is (platform.libc_ver()[0] == "glibc")  # training.host_allocator=reuse
     assert (summary["epochs_completed"], summary["epochs_planned"]) == (2, 2.0)
     state = _checkpoint_model(summary)
     assert int(state["queue.pointer"]) == (summary["steps"] * 8) % 40
