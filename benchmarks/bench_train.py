@@ -45,7 +45,7 @@ from benchmarks.common import local_ray, machine_info, measure_in_fresh_process,
 from benchmarks.corpus import corpus_with_shards, default_work_dir, small_corpus_with_shards
 from benchmarks.official import official_two_crops
 from pipelines.console import Progress
-from pipelines.host_allocator import keep_freed_host_memory
+from pipelines.host_allocator import apply_host_allocator
 
 BENCH_OVERRIDES = [
     "model.arch=resnet18",
@@ -235,8 +235,8 @@ def measure_path(path: str, overrides: list[str], corpus: str, shards: str, step
     config = load_config("in1m-v2", overrides)
     files = sorted(Path(corpus).glob("*/*.*"))
     threads = config.trainer_threads  # the loops train on the job's torch threads
-    if path in ("step_alone", "bare_loop_reuse") and config.training.host_allocator == "reuse":
-        keep_freed_host_memory()
+    if path in ("step_alone", "bare_loop_reuse"):  # the job's setting; bare_loop keeps malloc's own
+        apply_host_allocator(config.training.host_allocator)
     if path == "step_alone":
         return step_alone(config, [file.read_bytes() for file in files[:64]], steps, warmup, threads)
     if path in ("bare_loop", "bare_loop_reuse"):

@@ -24,6 +24,12 @@ TRIM_THRESHOLD = 1024 * 1024 * 1024
 TOP_PAD = 64 * 1024 * 1024
 
 
+def apply_host_allocator(setting: str) -> bool:
+    """``training.host_allocator`` in this process: ``reuse`` keeps freed memory, ``system``
+    leaves malloc alone. Returns whether freed memory is now kept."""
+    return setting == "reuse" and keep_freed_host_memory()
+
+
 def keep_freed_host_memory() -> bool:
     """Tell glibc malloc, in this process, to keep freed memory for reuse; False where the C
     library is not glibc (macOS, musl) and nothing was changed."""

@@ -44,7 +44,7 @@ from moco_core.training import (
 )
 from pipelines.console import format_duration, note
 from pipelines.filesystems import join, resolve_filesystem
-from pipelines.host_allocator import keep_freed_host_memory
+from pipelines.host_allocator import apply_host_allocator
 from pipelines.ingest.stream import (
     StreamLayout,
     StreamProgress,
@@ -159,7 +159,7 @@ class PretrainRunner:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         # Before the model and the first batch: every step reuses the pages of the one before.
-        self.host_memory_reused = config.training.host_allocator == "reuse" and keep_freed_host_memory()
+        self.host_memory_reused = apply_host_allocator(config.training.host_allocator)
         self.augment = config.augment.resolve(on_gpu=self.device.type == "cuda")
         torch.manual_seed(config.training.seed + self.rank)
         self.total_steps = plan.total_steps
