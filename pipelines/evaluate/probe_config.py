@@ -86,7 +86,6 @@ class ProbeTrainingSection:
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     eval_every_epochs: int = 1
-    log_every_steps: int = 50
     torch_threads: int = 0  # 0: the CPUs a worker reserves
 
 
@@ -167,7 +166,6 @@ class ProbeConfig:
             (cached.extractors >= 0, "cached.extractors is invalid: expected >= 0 (0 = automatic)"),
             (cached.batch_size >= 1, "cached.batch_size is invalid: expected >= 1"),
             (self.training.eval_every_epochs >= 0, "training.eval_every_epochs is invalid: expected >= 0"),
-            (self.training.log_every_steps >= 1, "training.log_every_steps is invalid: expected >= 1"),
             (self.training.torch_threads >= 0, "training.torch_threads is invalid: expected >= 0"),
             (self.checkpoint.every_epochs >= 1, "checkpoint.every_epochs is invalid: expected >= 1"),
             (self.checkpoint.keep >= 1, "checkpoint.keep is invalid: expected >= 1"),

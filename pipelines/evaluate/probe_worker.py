@@ -34,7 +34,6 @@ from moco_core.linear_probe import (
     build_linear_classifier,
     build_linear_optimizer,
     evaluate_classifier,
-    topk_correct,
 )
 from moco_core.photometric import normalize_batch
 from pipelines.console import note
@@ -107,6 +106,14 @@ def backbone_differences(module: torch.nn.Module, reference: dict[str, torch.Ten
     ``reference`` in any bit; the official ``main_lincls.py`` sanity check."""
     current = module.state_dict()
     return [name for name, value in reference.items() if not torch.equal(current[name].cpu(), value.cpu())]
+
+
+def step_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(loss x images, top-1 correct, images) of one step as a float64 tensor on the logits'
+    device, computed there: the loop adds them up without waiting for the device each step."""
+    count = torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device)
+    correct = (logits.detach().argmax(dim=1) == labels).sum().to(torch.float64)
+    return torch.stack([loss.detach().to(torch.float64) * count, correct, count])
 
 
 class FullProbeRunner:
@@ -263,9 +270,7 @@ class FullProbeRunner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        correct = topk_correct(logits.detach(), labels, ks=(1,))[0]
-        count = len(labels)
-        return torch.tensor([loss.item() * count, correct, count], dtype=torch.float64, device=self.device)
+        return step_sums(loss, logits, labels)
 
     def _maybe_change_backbone(self) -> None:
         at = self.config.debug.change_backbone_at_step
