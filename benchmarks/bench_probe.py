@@ -67,7 +67,7 @@ def run_probe_benchmark(
             results[name] = {
                 "top1": round(summary["top1"], 2),
                 "top5": round(summary["top5"], 2),
-                "seconds": round(time.perf_counter() - started, 1),
+                "seconds": round(time.perf_counter() - started, 3),
                 **({"extract_seconds": summary["extract_seconds"]} if mode == "cached" else {}),
                 **({"images_per_s": round(summary["images_per_s"], 1)} if mode == "full" else {}),
             }
@@ -84,6 +84,11 @@ def run_probe_benchmark(
         "settings": {"epochs": epochs, "overrides": base, "cpus_per_worker": cpus_per_worker},
         **results,
         "top1_difference": round(results["cached"]["top1"] - results["full"]["top1"], 2),
-        "ratio": round(results["full"]["seconds"] / results["cached"]["seconds"], 2),
-        "ratio_reused": round(results["full"]["seconds"] / results["cached_reused"]["seconds"], 2),
+        "ratio": _seconds_ratio(results["full"], results["cached"]),
+        "ratio_reused": _seconds_ratio(results["full"], results["cached_reused"]),
     }
+
+
+def _seconds_ratio(slower: dict[str, Any], faster: dict[str, Any]) -> float:
+    """slower seconds / faster seconds; a reuse of cached features can take under a millisecond."""
+    return round(slower["seconds"] / max(faster["seconds"], 0.001), 2)
