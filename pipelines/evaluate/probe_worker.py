@@ -216,7 +216,11 @@ class FullProbeRunner:
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         return worker_training_batches(
-            self.plan, self.progress, worker=self.rank, batch_size=self.config.per_worker_batch_size
+            self.plan,
+            self.progress,
+            worker=self.rank,
+            batch_size=self.config.per_worker_batch_size,
+            pin_memory=self.device.type == "cuda",
         )
 
     def _validate(self) -> tuple[float, float, float]:

@@ -424,9 +424,16 @@ class ViewStream:
     stream_id: str
     layout: StreamLayout
 
-    def training_batches(self, batch_size: int, progress: StreamProgress) -> Generator[dict, None, None]:
+    def training_batches(
+        self, batch_size: int, progress: StreamProgress, pin_memory: bool = False
+    ) -> Generator[dict, None, None]:
         """Torch batches; each one, as it is handed out, counts as consumed: ``progress`` records
         its positions and the lanes are told, so they may run ahead by their window.
+
+        Batches stay in host memory, where the positions are read (in a Ray Train worker Ray
+        Data would otherwise move every column to the worker's GPU). ``pin_memory`` (for a CUDA
+        trainer) pins them in Ray Data's formatting thread, so the trainer's copy to the GPU
+        does not wait for the GPU to finish its queued work, as a copy from pageable memory does.
 
         Batches come in the order their rows left the lanes, which the positions rely on (the
         largest one consumed per lane marks everything before it as trained on). Ray Data formats
@@ -435,7 +442,11 @@ class ViewStream:
         out as they finish: with two, a batch could overtake the one before it and a restart
         would skip the overtaken rows. So one batch is prefetched and formatted at a time."""
         consumed = np.zeros(self.layout.total_lanes, dtype=np.int64)
-        iterator = iter(self.dataset.iter_torch_batches(batch_size=batch_size, prefetch_batches=1))
+        iterator = iter(
+            self.dataset.iter_torch_batches(
+                batch_size=batch_size, prefetch_batches=1, device="cpu", pin_memory=pin_memory
+            )
+        )
         try:
             for batch in iterator:
                 lanes = batch["lane"].numpy()
@@ -554,10 +565,11 @@ class TrainingStreamPlan(Protocol):
 
 
 def worker_training_batches(
-    plan: TrainingStreamPlan, progress: StreamProgress, *, worker: int, batch_size: int
+    plan: TrainingStreamPlan, progress: StreamProgress, *, worker: int, batch_size: int, pin_memory: bool = False
 ) -> Generator[dict, None, None]:
     """A training worker's batches: its lanes from ``progress``'s positions on, each lane allowed
-    :func:`lane_window` rows ahead of what the worker has taken (pretraining, the full probe)."""
+    :func:`lane_window` rows ahead of what the worker has taken (pretraining, the full probe);
+    ``pin_memory`` as in :meth:`ViewStream.training_batches`."""
     stream = build_view_dataset(
         plan.collection,
         plan.train_view,
@@ -569,4 +581,4 @@ def worker_training_batches(
         lane_resources=plan.lane_resources,
         window_rows=lane_window(plan.layout, batch_size),
     )
-    return stream.training_batches(batch_size, progress)
+    return stream.training_batches(batch_size, progress, pin_memory)

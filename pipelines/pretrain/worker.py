@@ -402,7 +402,11 @@ class PretrainRunner:
     def _batches(self) -> Generator[dict[str, torch.Tensor], None, None]:
         """This worker's lanes of the training stream, from the restored positions on."""
         return worker_training_batches(
-            self.plan, self.progress, worker=self.rank, batch_size=self.config.per_worker_batch_size
+            self.plan,
+            self.progress,
+            worker=self.rank,
+            batch_size=self.config.per_worker_batch_size,
+            pin_memory=self.device.type == "cuda",
         )
 
     def run(self) -> None:

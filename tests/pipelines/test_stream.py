@@ -190,6 +190,23 @@ def test_each_lanes_rows_reach_training_in_the_order_they_left_the_lane(ray_clus
     assert all(positions == sorted(positions) for positions in by_lane.values())
 
 
+def test_training_batches_stay_on_the_host_inside_a_ray_train_worker(ray_cluster, parquet_collection, monkeypatch):
+    """Inside a Ray Train worker Ray Data moves batches to the worker's device unless told not to;
+    the stream reads positions on the host. The worker's device is faked as ``meta`` here (no GPU),
+    so a batch moved there could not be read at all."""
+    import ray.train.torch
+    import ray.train.utils
+    import torch
+
+    monkeypatch.setattr(ray.train.utils, "_in_ray_train_worker", lambda: True)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("meta"))
+    layout = plan_layout(parquet_collection, workers=1, lanes_per_worker=2, pool=16, seed=4)
+    progress = StreamProgress(layout.total_lanes)
+    seen = _consume(_training_stream(parquet_collection, layout, end_epoch=1), progress, limit=None)
+    assert sorted(index for _, index in seen) == list(range(60))
+    assert progress.positions.sum() > 0
+
+
 def test_a_resumed_stream_continues_exactly_where_training_stopped(ray_cluster, parquet_collection):
     layout = plan_layout(parquet_collection, workers=1, lanes_per_worker=2, pool=16, seed=4)
     progress = StreamProgress(layout.total_lanes)
