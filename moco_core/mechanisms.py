@@ -204,6 +204,7 @@ class MemoryBankModel(ContrastiveModel):
     ) -> ContrastiveLoss:
         if sample_indices is None:
             raise ValueError("the memory_bank mechanism needs sample_indices (dataset row of each image)")
+        self.memory_bank.check_indices(sample_indices)  # before the copy to the device: no host sync there
         sample_indices = sample_indices.to(query_view.device)
         queries = self.query_encoder(query_view)  # N x C
         positives = self.memory_bank.lookup(sample_indices)  # N x C

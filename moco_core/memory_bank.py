@@ -29,13 +29,15 @@ class MemoryBank(nn.Module):
             raise ValueError(f"memory bank needs num_samples >= 1 and dim >= 1, got {num_samples}, {dim}")
         self.register_buffer("features", F.normalize(torch.randn(num_samples, dim), dim=1))
 
-    def _check_indices(self, indices: torch.Tensor) -> None:
+    def check_indices(self, indices: torch.Tensor) -> None:
+        """Raise IndexError unless every index is a row of the bank. ``lookup`` and ``update`` do not
+        check (it would read device memory on the host every step): check where the indices are
+        still on the host, as the memory-bank mechanism does."""
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.features.shape[0]):
             raise IndexError(f"sample index out of range for a memory bank of {self.features.shape[0]} rows")
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """The stored features of ``indices`` (a copy). Shape: (B,) -> (B, C)."""
-        self._check_indices(indices)
         return self.features[indices]
 
     def sample(self, count: int, device: torch.device) -> torch.Tensor:
@@ -50,6 +52,5 @@ class MemoryBank(nn.Module):
         Shape:
             indices: (B,); new_features: (B, C)
         """
-        self._check_indices(indices)
         blended = momentum * self.features[indices] + (1.0 - momentum) * new_features.to(self.features.dtype)
         self.features.index_copy_(0, indices, F.normalize(blended, dim=1))

@@ -28,6 +28,23 @@ from moco_core.augment import (
 from moco_core.blur import discrete_gaussian_kernels
 
 
+def _to_device(values: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor (parameters, statistics) on ``device`` without waiting for the device.
+
+    A plain copy from host memory to a GPU waits until every kernel queued before it has run,
+    which would drain the GPU's queue once per copy; from pinned memory the copy is queued like
+    a kernel instead.
+    """
+    if device.type == "cuda":
+        return values.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return values.to(device=device, dtype=dtype)
+
+
+def _channel_statistic(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-channel (R, G, B) values as a (1, 3, 1, 1) tensor on ``like``'s device and dtype."""
+    return _to_device(torch.tensor(values, dtype=like.dtype), like.device).view(1, 3, 1, 1)
+
+
 def _channels_first(views: torch.Tensor) -> torch.Tensor:
     """A (N, 3, H, W) view of a uint8 (N, 3, H, W) or (N, H, W, 3) batch, without copying.
 
@@ -46,9 +63,7 @@ def _channels_first(views: torch.Tensor) -> torch.Tensor:
 
 def _normalize_unit_(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """In place: [0, 1] -> ``(images - mean) / std`` per channel."""
-    channel_mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    channel_std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return images.sub_(channel_mean).div_(channel_std)
+    return images.sub_(_channel_statistic(mean, images)).div_(_channel_statistic(std, images))
 
 
 def normalize_batch(
@@ -79,8 +94,8 @@ def normalize_batch(
         raise ValueError(
             f"out must be float32 of shape {tuple(channels_first.shape)}, got {out.dtype} {tuple(out.shape)}"
         )
-    scale = 1.0 / (torch.tensor(std, device=out.device).view(1, 3, 1, 1) * 255.0)
-    shift = -torch.tensor(mean, device=out.device).view(1, 3, 1, 1) * 255.0 * scale
+    scale = 1.0 / (_channel_statistic(std, out) * 255.0)
+    shift = -_channel_statistic(mean, out) * 255.0 * scale
     out.copy_(channels_first)
     return torch.addcmul(shift, out, scale, out=out)
 
@@ -147,7 +162,7 @@ def _adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     )
     hue_sextant = hue_sextant.unsqueeze(1) + 6.0 * shift  # M x 1 x H x W
     # HSV -> RGB: channel n (R=5, G=3, B=1) = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6.
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    offsets = torch.arange(5.0, 0.0, -2.0, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)  # 5, 3, 1
     k = torch.remainder(hue_sextant + offsets, 6.0)  # M x 3 x H x W
     weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return max_channel.unsqueeze(1) - chroma.unsqueeze(1) * weight
@@ -235,7 +250,7 @@ def sample_batch_photometric_params(
 def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     """Indices of the True entries (found on the CPU, so no device sync), or None if there are none."""
     rows = mask.nonzero().squeeze(1)
-    return rows.to(device) if rows.numel() else None
+    return _to_device(rows, device) if rows.numel() else None
 
 
 def apply_batch_photometric(
@@ -263,13 +278,13 @@ def apply_batch_photometric(
             selected = params.jitter & (params.order[:, position] == op)
             rows = _rows(selected, device)
             if rows is not None:
-                factor = params.factors[selected, op].to(device=device, dtype=images.dtype).view(-1, 1, 1, 1)
+                factor = _to_device(params.factors[selected, op], device, images.dtype).view(-1, 1, 1, 1)
                 images[rows] = adjust(images[rows], factor)
     if not recipe.grayscale_before_jitter:
         grayscale_selected()
     rows = _rows(params.blur, device)
     if rows is not None:
-        kernels = gaussian_kernels(params.blur_sigma[params.blur]).to(device=device, dtype=images.dtype)
+        kernels = _to_device(gaussian_kernels(params.blur_sigma[params.blur]), device, images.dtype)
         images[rows] = _gaussian_blur(images[rows], kernels)
     return images
 

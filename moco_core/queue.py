@@ -53,7 +53,8 @@ class KeyQueue(nn.Module):
         else:
             offset = 0
         count = new_keys.shape[0]
-        first = (int(self.pointer) + offset) % size
+        # The pointer stays a device tensor: reading it on the host would wait for the device every step.
+        first = (self.pointer + offset) % size
         slots = (first + torch.arange(count, device=self.keys.device)) % size
         self.keys.index_copy_(0, slots, new_keys.to(self.keys.dtype))
-        self.pointer.fill_((first + count) % size)
+        self.pointer.copy_((first + count) % size)

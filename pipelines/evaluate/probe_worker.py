@@ -111,7 +111,7 @@ def backbone_differences(module: torch.nn.Module, reference: dict[str, torch.Ten
 def step_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(loss x images, top-1 correct, images) of one step as a float64 tensor on the logits'
     device, computed there: the loop adds them up without waiting for the device each step."""
-    count = torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device)
+    count = torch.full((), float(len(labels)), dtype=torch.float64, device=logits.device)  # a fill, not a copy
     correct = (logits.detach().argmax(dim=1) == labels).sum().to(torch.float64)
     return torch.stack([loss.detach().to(torch.float64) * count, correct, count])
 

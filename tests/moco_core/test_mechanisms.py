@@ -3,6 +3,7 @@ import torch
 
 from moco_core.batchnorm import SplitBatchNorm2d, convert_batchnorm
 from moco_core.mechanisms import EndToEnd, MemoryBankModel, MoCo
+from moco_core.memory_bank import MemoryBank
 from moco_core.model import ModelConfig, build_model
 from moco_core.training import build_optimizer, train_step
 from tests.moco_core.synthetic import TinyEncoder, synthetic_views
@@ -84,6 +85,17 @@ def test_memory_bank_requires_sample_indices_and_updates_rows():
     assert changed.tolist() == [False, True, False, True, False, True, False, True, False, False]
     with pytest.raises(IndexError, match="out of range"):
         model(images, images, sample_indices=torch.tensor([1, 2, 3, 10]))
+
+
+def test_memory_bank_reads_and_writes_rows_without_host_reads():
+    """The index check runs on the host copy of the indices, before they reach the device: the
+    bank's lookup and update on the ``meta`` device (no data) fail on any host read."""
+    bank = MemoryBank(10, 4).to("meta")
+    indices = torch.tensor([1, 3], device="meta")
+    assert bank.lookup(indices).shape == (2, 4)
+    bank.update(indices, torch.empty(2, 4, device="meta"), momentum=0.5)
+    with pytest.raises(IndexError, match="out of range"):
+        bank.check_indices(torch.tensor([1, 10]))
 
 
 def test_config_validation_names_the_field():

@@ -28,6 +28,14 @@ def test_enqueue_wraps_around_for_batches_that_do_not_divide_k(size, batch_sizes
         torch.testing.assert_close(queue.keys[slot], expected)
 
 
+def test_enqueue_never_reads_the_queue_on_the_host():
+    """On a GPU a host read of the pointer waits for the device every step. A queue on the
+    ``meta`` device (shapes only, no data) fails on any such read."""
+    queue = KeyQueue(10, 4).to("meta")
+    for count in (3, 12):
+        queue.enqueue(torch.empty(count, 4, device="meta"))  # raises if the pointer is read
+
+
 def test_every_enqueued_key_is_kept_until_k_newer_ones_arrive():
     queue = KeyQueue(7, 2)
     stream = torch.arange(40, dtype=torch.float32).repeat(2, 1).T  # 40 distinct keys
