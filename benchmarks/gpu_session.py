@@ -9,6 +9,9 @@ each, so a run cut short keeps what finished:
   (batch 256, K 65,536) and on ResNet-18 with the CIFAR stem at 32 px (batch 512, K 4,096), with
   split BN (one pass on a GPU), plain BN, Shuffling BN's single-process path, and with both
   sides compiled (``--compile``; ResNet-50 compiles for over a minute);
+* ``host_syncs``: three MoCo steps (ResNet-18, 32 px, batch 256, the device photometric path,
+  split BN, the queue) under CUDA's sync debug mode, after a first step: every place the step
+  waits for the GPU, by source line (none expected; CUDA only);
 * ``feed``: what the readers must deliver: our per-image path at 224 px with the photometric
   part on the device, in images/s on one CPU core, and the GPU time of the batched photometric
   part per batch of 256; ``reader_cores_per_gpu`` = the MoCo step's img/s / that rate.
@@ -24,6 +27,8 @@ import io
 import json
 import time
 import traceback
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +57,42 @@ def _step_cases(quick: bool, device: str) -> dict[str, dict]:
         "step_r50_split_compiled": dict(r50, batchnorm="split", compile=True, **common),
         "step_r18_cifar_split_compiled": dict(r18, batchnorm="split", compile=True, **common),
     }
+
+
+def host_syncs(device: str) -> dict:
+    """Where a warm MoCo step (device photometric path, split BN, queue) waits for the GPU: CUDA's
+    sync debug mode warns at each such call; counted by the source line that made it."""
+    if device != "cuda":
+        return {"skipped": "CUDA only"}
+    from moco_core.augment import AugmentConfig
+    from moco_core.model import ModelConfig, build_model
+    from moco_core.photometric import prepare_model_input
+    from moco_core.training import ComputeSettings, build_optimizer, train_step
+
+    config = AugmentConfig(recipe="v2", size=32, photometric="device")
+    model = build_model(ModelConfig(arch="resnet18", small_image_stem=True, queue_size=4096, batchnorm="split"))
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model)
+    settings = ComputeSettings(torch.bfloat16, channels_last=True)
+    views = torch.randint(0, 256, (2, 256, 32, 32, 3), dtype=torch.uint8).pin_memory()
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        query, key = (prepare_model_input(views[i].to(device, non_blocking=True), config, generator) for i in (0, 1))
+        train_step(model, optimizer, query, key, lr=0.03, momentum=0.999, settings=settings)
+
+    step()  # the first step initialises lazily (cuDNN, the optimizer's state)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places = Counter(f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:80]}" for w in caught)
+    return {"steps": 3, "syncs": sum(places.values()), "by_place": dict(places.most_common(20))}
 
 
 def _sample_jpegs(count: int) -> list[bytes]:
@@ -133,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {name} ({results[f'{name}_s']} s): {json.dumps(results[name])[:600]}", flush=True)
         (out / "gpu_session.json").write_text(json.dumps(results, indent=1))
 
+    section("host_syncs", lambda: host_syncs(device))
     cases = _step_cases(args.quick, device)
     for name in list(cases)[:4]:
         section(name, lambda case=cases[name]: run_step_benchmark(**case))
