@@ -91,6 +91,18 @@ def build_linear_optimizer(classifier: nn.Module, settings: LinearProbeSettings)
     )
 
 
+def step_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(loss x images, top-1 correct, images) of one training step as a float64 tensor on the
+    logits' device, computed there: a loop adds them up without waiting for the device each step.
+
+    Shape:
+        loss: scalar mean over the batch; logits: (N, C); labels: (N,) -> (3,)
+    """
+    count = torch.full((), float(len(labels)), dtype=torch.float64, device=logits.device)  # a fill, not a copy
+    correct = (logits.detach().argmax(dim=1) == labels).sum().to(torch.float64)
+    return torch.stack([loss.detach().to(torch.float64) * count, correct, count])
+
+
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[int]:
     """How many rows have their label among the top-k scores, for each k (capped at the classes).
 
@@ -197,7 +209,7 @@ def train_linear_classifier(
     for epoch in range(settings.epochs):
         order = torch.randperm(num_images, generator=generator).to(device)
         chosen = torch.randint(num_copies, (num_images,), generator=generator).to(device)
-        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss x images, correct, images
         classifier.train()
         for start in range(0, num_images, settings.batch_size):
             rows = order[start : start + settings.batch_size]
@@ -209,15 +221,14 @@ def train_linear_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(rows)
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            sums += step_sums(loss, logits, labels)
             step += 1
         last = epoch == settings.epochs - 1
         val = None
         if last or (eval_every_epochs and (epoch + 1) % eval_every_epochs == 0):
             classifier.eval()
             val = evaluate_classifier(classifier, val_features, val_labels)
-        record = EpochRecord(epoch, float(loss_sum) / num_images, 100.0 * float(correct) / num_images, val)
+        record = EpochRecord(epoch, float(sums[0]) / num_images, 100.0 * float(sums[1]) / num_images, val)
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)

@@ -34,6 +34,7 @@ from moco_core.linear_probe import (
     build_linear_classifier,
     build_linear_optimizer,
     evaluate_classifier,
+    step_sums,
 )
 from moco_core.photometric import normalize_batch
 from pipelines.console import note
@@ -106,14 +107,6 @@ def backbone_differences(module: torch.nn.Module, reference: dict[str, torch.Ten
     ``reference`` in any bit; the official ``main_lincls.py`` sanity check."""
     current = module.state_dict()
     return [name for name, value in reference.items() if not torch.equal(current[name].cpu(), value.cpu())]
-
-
-def step_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(loss x images, top-1 correct, images) of one step as a float64 tensor on the logits'
-    device, computed there: the loop adds them up without waiting for the device each step."""
-    count = torch.full((), float(len(labels)), dtype=torch.float64, device=logits.device)  # a fill, not a copy
-    correct = (logits.detach().argmax(dim=1) == labels).sum().to(torch.float64)
-    return torch.stack([loss.detach().to(torch.float64) * count, correct, count])
 
 
 class FullProbeRunner:

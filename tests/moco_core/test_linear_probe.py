@@ -7,6 +7,7 @@ from moco_core.linear_probe import (
     LinearProbeSettings,
     build_linear_classifier,
     evaluate_classifier,
+    step_sums,
     topk_correct,
     train_linear_classifier,
 )
@@ -99,3 +100,15 @@ def test_invalid_settings_name_the_field():
         LinearProbeSettings(milestones=(80, 60)).validate()
     with pytest.raises(ValueError, match="lr=0"):
         LinearProbeSettings(lr=0).validate()
+
+
+def test_step_sums_stay_on_the_device_and_match_the_host_figures():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 5, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 5, (37,), generator=generator)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    sums = step_sums(loss, logits, labels)
+    assert sums.dtype == torch.float64 and sums.device == logits.device and not sums.requires_grad
+    expected = [loss.item() * 37, topk_correct(logits.detach(), labels, ks=(1,))[0], 37]
+    assert sums.tolist() == pytest.approx(expected)
+    assert 0 < sums[1] < 37  # neither all nor none right, so the count is really compared
