@@ -29,6 +29,9 @@ def quiet_ray_data() -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, set ...": Ray Data's notice of the setting above, at
+    # WARNING, once per process that runs an execution (the driver of a cached probe, the demo).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     # Raised by Ray Train's own default ingest options; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*exclude_resources.*deprecated")
 

@@ -1,10 +1,17 @@
 """How a job joins or starts Ray (pipelines.ray_runtime.ensure_ray), with ``ray.init`` stubbed."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import ray
 
 from pipelines import console
 from pipelines.ray_runtime import ensure_ray
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _StartedCluster:
@@ -38,3 +45,21 @@ def test_joining_a_cluster_leaves_its_dashboard_as_it_is(init_calls, monkeypatch
     assert ensure_ray() is False
     (options,) = init_calls
     assert options["address"] == "ray://head:10001" and "include_dashboard" not in options
+
+
+def test_ray_data_on_the_driver_prints_no_notice_of_its_own(tmp_path):
+    """A command that runs a Ray Data execution in its own process (``moco probe --cached``, the
+    demo's probe) shows our progress only: no "Progress bars disabled" notice from Ray Data."""
+    script = (
+        "import ray\n"
+        "from pipelines.ray_runtime import ensure_ray\n"
+        "ensure_ray()\n"
+        "assert len(ray.data.range(8).map_batches(lambda batch: batch).take_all()) == 8\n"
+        "ray.shutdown()\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Progress bars" not in result.stdout + result.stderr
