@@ -79,13 +79,14 @@ def _one_step(settings: ComputeSettings) -> tuple[float, torch.Tensor, torch.Ten
 def test_bf16_channels_last_step_agrees_with_the_fp32_step():
     fp32_loss, fp32_update, fp32_queue, fp32_pointer = _one_step(ComputeSettings())
     loss, update, queue, pointer = _one_step(ComputeSettings(autocast_dtype=torch.bfloat16, channels_last=True))
-    assert loss == pytest.approx(fp32_loss, rel=1e-2)  # measured 0.3% apart
+    # Measured 0.3% apart on an AMD EPYC (AVX512-BF16), 1.7% on an Intel Xeon with AMX-BF16.
+    assert loss == pytest.approx(fp32_loss, rel=5e-2)
     assert pointer == fp32_pointer == 8
-    # Enqueued keys within bf16 resolution of the fp32 keys (measured max 0.016); the rest untouched.
+    # Enqueued keys within bf16 resolution of the fp32 keys (measured max 0.016-0.018); the rest untouched.
     torch.testing.assert_close(queue[:8], fp32_queue[:8], rtol=0, atol=0.05)
     assert torch.equal(queue[8:], fp32_queue[8:])
     # The SGD update points the same way: bf16 backward through a ResNet is noisy per tensor
-    # (measured cosine 0.955 over all parameters), but a wrong gradient would be far off.
+    # (measured cosine 0.955-0.959 over all parameters), but a wrong gradient would be far off.
     assert F.cosine_similarity(update, fp32_update, dim=0).item() > 0.9
 
 
