@@ -1,4 +1,5 @@
-"""How a job joins or starts Ray (pipelines.ray_runtime.ensure_ray), with ``ray.init`` stubbed."""
+"""How a job joins or starts Ray (pipelines.ray_runtime.ensure_ray): its ``ray.init`` options with
+``ray.init`` stubbed, and what a real Ray Data execution on the driver prints."""
 
 import os
 import subprocess
@@ -47,7 +48,7 @@ def test_joining_a_cluster_leaves_its_dashboard_as_it_is(init_calls, monkeypatch
     assert options["address"] == "ray://head:10001" and "include_dashboard" not in options
 
 
-def test_ray_data_on_the_driver_prints_no_notice_of_its_own(tmp_path):
+def test_ray_data_on_the_driver_prints_no_notice_of_its_own():
     """A command that runs a Ray Data execution in its own process (``moco probe --cached``, the
     demo's probe) shows our progress only: no "Progress bars disabled" notice from Ray Data."""
     script = (
