@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import posixpath
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.console import note
 from pipelines.filesystems import join, resolve_filesystem, uri_for
 from pipelines.ingest.schema import MANIFEST_NAME
 from pipelines.ingest.units import Collection, ColumnNames, UnitTable, unit_table
@@ -97,12 +99,35 @@ def plan_collection(
 # ----------------------------------------------------------------------------- listing
 
 
-def _list_files(filesystem: pafs.FileSystem, path: str, recursive: bool) -> list[pafs.FileInfo]:
-    selector = pafs.FileSelector(path, recursive=recursive)
-    return sorted(
-        (info for info in filesystem.get_file_info(selector) if info.type == pafs.FileType.File),
-        key=lambda info: info.path,
-    )
+def _list_files(filesystem: pafs.FileSystem, path: str) -> list[str]:
+    """Every file below the folder ``path``, sorted. On a local disk, as ``moco shard`` lists
+    folders: a folder reached twice (a symlink loop, a folder linked twice) is listed once, and one
+    that cannot be listed is skipped with a warning."""
+    if not isinstance(filesystem, pafs.LocalFileSystem):
+        listed = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        return sorted(info.path for info in listed if info.type == pafs.FileType.File)
+    files: list[str] = []
+    unreadable: list[OSError] = []
+    visited: set[str] = set()
+
+    def skip(error: OSError) -> None:
+        if not isinstance(error, FileNotFoundError):  # gone meanwhile, or a glob's missing base: nothing to say
+            unreadable.append(error)
+
+    for directory, subdirectories, names in os.walk(path, onerror=skip, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            subdirectories.clear()
+            continue
+        visited.add(real)
+        files.extend(os.path.join(directory, name) for name in names)
+    if unreadable:
+        first = unreadable[0]
+        note(
+            f"warning: skipped {len(unreadable)} folder(s) that cannot be listed, "
+            f"e.g. {first.filename}: {first.strerror or first}"
+        )
+    return sorted(files)
 
 
 def _file_type(filesystem: pafs.FileSystem, path: str) -> pafs.FileType:
@@ -120,9 +145,7 @@ def expand_paths(patterns: Sequence[str]) -> list[tuple[str, pafs.FileSystem, st
         filesystem, path = resolve_filesystem(pattern)
         if any(char in path for char in "*?["):
             base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] or "/"
-            matches = [
-                info.path for info in _list_files(filesystem, base, recursive=True) if fnmatch.fnmatch(info.path, path)
-            ]
+            matches = [match for match in _list_files(filesystem, base) if fnmatch.fnmatch(match, path)]
             if not matches:
                 raise DataSourceError(f"no files match {pattern}")
             expanded.extend((uri_for(pattern, match), filesystem, match) for match in matches)
@@ -142,7 +165,7 @@ def _detect_layout(entries: list[tuple[str, pafs.FileSystem, str]]) -> str:
         if _file_type(filesystem, posixpath.join(path, MANIFEST_NAME)) == pafs.FileType.File:
             kinds.add("moco")
             continue
-        names = [info.path for info in _list_files(filesystem, path, recursive=True)]
+        names = _list_files(filesystem, path)
         if any(name.endswith(".parquet") for name in names):
             kinds.add("parquet")
         elif any(name.endswith(".tar") for name in names):
@@ -162,8 +185,7 @@ def _files_with_suffix(entry: tuple[str, pafs.FileSystem, str], suffixes: tuple[
     uri, filesystem, path = entry
     if _file_type(filesystem, path) == pafs.FileType.File:
         return [uri]
-    listed = _list_files(filesystem, path, recursive=True)
-    return [uri_for(uri, info.path) for info in listed if info.path.endswith(suffixes)]
+    return [uri_for(uri, name) for name in _list_files(filesystem, path) if name.endswith(suffixes)]
 
 
 # ----------------------------------------------------------------------------- moco shards
@@ -352,11 +374,11 @@ def _plan_folders(entries: list[tuple[str, pafs.FileSystem, str]]) -> Collection
         if _file_type(filesystem, path) == pafs.FileType.File:
             listed.append((uri, posixpath.basename(path)))
             continue
-        for info in _list_files(filesystem, path, recursive=True):
-            relative = posixpath.relpath(info.path, path)
+        for name in _list_files(filesystem, path):
+            relative = posixpath.relpath(name, path)
             hidden = any(part.startswith(".") for part in relative.split("/"))
             if is_image_file_name(posixpath.basename(relative)) and not hidden:
-                listed.append((uri_for(uri, info.path), relative))
+                listed.append((uri_for(uri, name), relative))
     class_names = tuple(sorted({relative.split("/", 1)[0] for _, relative in listed if "/" in relative}))
     class_index = {name: index for index, name in enumerate(class_names)}
     labels = [class_index[relative.split("/", 1)[0]] if "/" in relative else -1 for _, relative in listed]

@@ -2,6 +2,7 @@
 planning reads only what it must (the manifest for moco shards, footers in parallel otherwise)."""
 
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +47,30 @@ def test_flat_folder_is_unlabeled(tmp_path):
     collection = plan_collection(str(tmp_path))
     images, _ = _read_all(collection)
     assert collection.class_names == () and [image.label for image in images] == [-1, -1, -1]
+
+
+def test_a_symlink_loop_in_a_folder_is_listed_once(tmp_path):
+    write_image_folder(tmp_path, {"cat": 2, "dog": 1})
+    (tmp_path / "cat" / "loop").symlink_to(tmp_path)  # cat/loop/cat/loop/... as moco shard meets it
+    collection = plan_collection(str(tmp_path))
+    assert collection.num_images == 3 and collection.class_names == ("cat", "dog")
+
+
+def test_a_folder_that_cannot_be_listed_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    write_image_folder(tmp_path, {"cat": 2, "dog": 1})
+    scandir = os.scandir
+
+    def denied_for_dog(path):
+        if str(path).endswith("dog"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied_for_dog)
+    collection = plan_collection(str(tmp_path))
+    assert collection.num_images == 2
+    assert f"skipped 1 folder(s) that cannot be listed, e.g. {tmp_path / 'dog'}: Permission denied" in (
+        capsys.readouterr().err
+    )
 
 
 def test_img2dataset_parquet_row_groups_become_units(tmp_path):
