@@ -25,11 +25,11 @@ class OutputConflictError(ValueError):
     """The output directory holds shards (or other Parquet files) that this plan did not make."""
 
 
-def prepare_output_dir(output: Path) -> Path:
-    """Create ``output`` if missing; its absolute path."""
+def checked_output_dir(output: Path) -> Path:
+    """The absolute path of ``output``, which must be a directory or not exist yet (it is created
+    once there is something to write)."""
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
     return output.resolve()
 
 

@@ -36,10 +36,10 @@ from pipelines.ingest.shard_output import (
     LOG_NAME,
     OutputConflictError,
     ShardLog,
+    checked_output_dir,
     load_finished_shards,
     locked_directory,
     log_header,
-    prepare_output_dir,
     remove_stale_temporaries,
     write_if_changed,
 )
@@ -148,7 +148,7 @@ def build_shards(
     options.validate()
     worker_count = _resolve_worker_count(workers)
     resolved_sources = resolve_sources(sources)
-    output = prepare_output_dir(Path(output_dir))
+    output = checked_output_dir(Path(output_dir))
 
     with contextlib.ExitStack() as stack:
         counter = multiprocessing.get_context("spawn").Value("q", 0)
@@ -160,6 +160,7 @@ def build_shards(
         if not plan.num_images:
             raise ValueError(f"no images in {', '.join(plan.sources)}{_what_was_not_taken(plan)}")
         _note_plan(plan, show_progress)
+        output.mkdir(parents=True, exist_ok=True)
         stack.enter_context(locked_directory(output))
         finished = load_finished_shards(output, plan, options)
         remove_stale_temporaries(output, plan)
