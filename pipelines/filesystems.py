@@ -33,6 +33,12 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local path made absolute (``~`` expanded), so it means the same from any
+    working directory; a URI (``s3://...``) as it is."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, relative: str) -> str:
     """``uri/relative`` for a local path or a URI."""
     return posixpath.join(uri.rstrip("/"), relative) if "://" in uri else os.path.join(uri, relative)

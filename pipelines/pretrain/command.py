@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from pipelines.cli_common import UserError, add_overrides_option, positive_int
 
@@ -18,10 +19,21 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         epilog="Recipes: in1m-v1, in1m-v2, ig1b-v1, cifar-v2, demo (recipes/*.yaml), or a YAML path. "
         "Config keys and output files: docs/PRETRAIN.md.",
     )
-    parser.add_argument("--recipe", help="recipe name or YAML path (not with --resume)")
-    parser.add_argument("--data", nargs="+", metavar="URI", help="training images: shards, Parquet, tars, folders")
+    parser.add_argument("--recipe", help="recipe name or YAML path (required unless --resume; not with it)")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        metavar="URI",
+        help="training images: shards, Parquet, tars, folders (required unless --resume, which reads the run's own; "
+        "with --resume only a moved copy of them)",
+    )
     parser.add_argument("--val-data", nargs="+", metavar="URI", help="labelled images for the kNN monitor")
-    parser.add_argument("--output", metavar="DIR", help="run directory (default: outputs/<recipe>-<time>)")
+    parser.add_argument(
+        "--output",
+        metavar="DIR",
+        help="run directory, refused if it already holds a run (default: $MOCO_STORAGE/<recipe>-<time>, "
+        "else outputs/<recipe>-<time>; not with --resume)",
+    )
     parser.add_argument("--resume", metavar="DIR", help="continue the stopped run in DIR from its newest checkpoint")
     add_overrides_option(parser, "override a config key, e.g. --set optim.lr=0.06 (repeatable)")
     parser.add_argument("--workers", type=positive_int, help="Ray Train workers (scaling.workers)")
@@ -44,7 +56,9 @@ def _scaling_overrides(args: argparse.Namespace) -> list[str]:
         "label_column": "data.label_column",
         "key_column": "data.key_column",
     }
-    return [f"{key}={getattr(args, name)}" for name, key in mapping.items() if getattr(args, name) is not None]
+    given = {key: getattr(args, name) for name, key in mapping.items() if getattr(args, name) is not None}
+    # Column names are strings even when they read as numbers or booleans in YAML ("--image-column 0").
+    return [f"{key}={json.dumps(value) if key.startswith('data.') else value}" for key, value in given.items()]
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -55,6 +69,8 @@ def _run(args: argparse.Namespace) -> dict:
     if args.resume:
         if args.recipe:
             raise UserError("--resume continues a run with its own config; give --set overrides instead of --recipe")
+        if args.output:
+            raise UserError("--resume DIR continues the run in DIR, where it writes; leave out --output")
         config, inputs = load_run_for_resume(args.resume, overrides)
         return run_pretraining(
             config, args.data or inputs["data"], args.resume, val_data=args.val_data or inputs["val_data"], resume=True

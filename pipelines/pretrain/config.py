@@ -244,6 +244,11 @@ class PretrainConfig:
             ),
             (0 <= self.momentum.base <= 1, f"momentum.base={self.momentum.base} is invalid: expected in [0, 1]"),
             (
+                self.training.epochs >= 0,
+                f"training.epochs={self.training.epochs} is invalid: expected >= 0 "
+                "(0: training.total_steps sets the length)",
+            ),
+            (
                 self.training.epochs > 0 or self.training.total_steps > 0,
                 "training.epochs and training.total_steps are both 0: give one of them",
             ),
@@ -254,6 +259,15 @@ class PretrainConfig:
             (self.checkpoint.keep >= 1, f"checkpoint.keep={self.checkpoint.keep} is invalid: expected >= 1"),
             (self.eval.knn_k >= 1 and self.eval.knn_temperature > 0, "eval.knn_k / eval.knn_temperature invalid"),
             (self.eval.bank_size >= 1 and self.eval.batch_size >= 1, "eval.bank_size / eval.batch_size invalid"),
+            (
+                self.eval.every_epochs >= 0,
+                f"eval.every_epochs={self.eval.every_epochs} is invalid: expected >= 0 "
+                "(0: only before and after training)",
+            ),
+            (
+                self.eval.image_size == 0 or self.eval.image_size >= 8,
+                f"eval.image_size={self.eval.image_size} is invalid: expected >= 8, or 0 for the augmentation size",
+            ),
             (
                 0 < self.eval.crop_fraction <= 1,
                 f"eval.crop_fraction={self.eval.crop_fraction} is invalid: expected in (0, 1] (1.0: the whole image)",

@@ -29,7 +29,7 @@ from moco_core.image_io import ImageLimits
 from pipelines.cli_common import Interrupted, UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
-from pipelines.filesystems import STORAGE_ENV, join
+from pipelines.filesystems import STORAGE_ENV, absolute_uri, join
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.sources import check_decodable
 from pipelines.ingest.stream import build_view_dataset, plan_layout
@@ -47,7 +47,15 @@ from pipelines.pretrain.checkpoints import (
 )
 from pipelines.pretrain.config import PretrainConfig, config_from_mapping, config_to_dict, plan_steps
 from pipelines.pretrain.plan import PretrainPlan
-from pipelines.pretrain.run_files import logged_losses, read_json, read_text, write_bytes, write_json, write_text
+from pipelines.pretrain.run_files import (
+    logged_losses,
+    read_json,
+    read_text,
+    remove_file,
+    write_bytes,
+    write_json,
+    write_text,
+)
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
 from pipelines.ray_runtime import ensure_ray, kill_local_ray_now, on_this_node, stop_ray
 from pipelines.run_console import ConsoleRelay, RunConsole, run_watched
@@ -139,21 +147,33 @@ def run_pretraining(
         Interrupted: Ctrl-C; the message says where the run stopped and how to continue it.
     """
     started = time.time()
-    output = output if "://" in output else str(Path(output).resolve())
+    output = absolute_uri(output)
+    data = [absolute_uri(path) for path in data]  # recorded for --resume from any directory
+    val_data = [absolute_uri(path) for path in val_data] if val_data else None
+    if "://" not in output and Path(output).exists() and not Path(output).is_dir():
+        raise ConfigError(f"--output {output} is a file; give a directory for the run")
     if not resume and holds_run(output):
         raise ConfigError(
             f"{output} already holds a run with checkpoints; continue it with --resume {output} "
             "or choose a new --output"
         )
+    recorded = (read_json(output, RUN_INPUTS) or {}) if resume else {}
     restore = _resume_point(output) if resume else None
     if restore is not None and _finished_as_configured(restore, config):
         return _already_complete(output, restore, restore.state.total_steps)
     check_cluster(config.scaling, config.data.reader_resources, fixed=ensure_ray())
     train = _plan(data, config, "--data")
+    _check_same_collection(output, recorded, data, train)
     val = _plan(val_data, config, "--val-data") if val_data else None
     knn_sets = _knn_collections(train, val)
     steps_per_epoch, total_steps = plan_steps(config, train.num_images or 0)
-    if restore is not None and restore.state.step >= total_steps:
+    if restore is not None and restore.state.step > total_steps:
+        raise ConfigError(
+            f"{output} has trained {restore.state.step} steps and the config now plans {total_steps}: a run "
+            "cannot be made shorter than it has trained; give --resume a larger training.epochs "
+            f"(or training.total_steps), or use its checkpoint {restore.path} as it is"
+        )
+    if restore is not None and restore.state.step == total_steps:
         return _already_complete(output, restore, total_steps)
     lanes = reader_lanes(config.scaling, config.data.readers, config.data.reader_resources)
     layout = plan_layout(
@@ -168,10 +188,18 @@ def run_pretraining(
 
     # Everything checkable is checked: from here on, what is created is marked if the run stops.
     local_output = Path(output) if "://" not in output else None
-    write_json(output, RUN_INPUTS, {"data": data, "val_data": val_data, "scaling": config_dict["scaling"]})
+    # The MLflow store the run was started in holds its run id, whatever the directory or
+    # $MLFLOW_TRACKING_URI of a --resume.
+    tracking_uri = (
+        (config.tracking.uri or recorded.get("tracking_uri") or default_tracking_uri())
+        if config.tracking.enabled
+        else None
+    )
+    inputs = {"data": data, "val_data": val_data, "num_images": train.num_images, "tracking_uri": tracking_uri}
+    write_json(output, RUN_INPUTS, {**inputs, "scaling": config_dict["scaling"]})
     write_text(output, CONFIG_FILE, yaml.safe_dump(config_dict, sort_keys=False))
-
-    tracking_uri = config.tracking.uri or default_tracking_uri()
+    if restore is not None:
+        remove_file(output, SUMMARY)  # it described the run before this resume; rewritten at the end
     tracker = Tracker(tracking_uri, config.tracking.enabled)
     relay: ConsoleRelay | None = None
     try:
@@ -261,7 +289,7 @@ def run_pretraining(
         "checkpoint": last[0] if last else None,
         "mlflow_run_id": tracker.run_id,
         "tracking_uri": tracking_uri,
-        "mlflow_ui": ui_command(tracking_uri),
+        "mlflow_ui": ui_command(tracking_uri) if tracking_uri else None,
         "reader_nodes": ray.get(plan.ingest_state.snapshot.remote())["reader_nodes"],
     }
     if result.checkpoint is not None and not outcome.get("stopped"):
@@ -289,6 +317,25 @@ def run_pretraining(
         )
     tracker.finish("FINISHED")
     return summary
+
+
+def _check_same_collection(output: str, recorded: dict[str, Any], data: list[str], train: Collection) -> None:
+    """A resumed run continues its exact data order, so it must read the collection it started on:
+    the same paths, or a moved copy with as many images (a note says so).
+
+    Raises:
+        ConfigError: ``data`` plans to another number of images than the run was started on.
+    """
+    started_on, count = [absolute_uri(path) for path in recorded.get("data") or []], recorded.get("num_images")
+    if not started_on or started_on == data:
+        return
+    if count is not None and count != train.num_images:
+        raise ConfigError(
+            f"{output} was started on {', '.join(started_on)} ({count} images); --data {', '.join(data)} holds "
+            f"{train.num_images}: a run continues its data order on the collection it started on, so train "
+            "on other data in a new run (a new --output)"
+        )
+    note(f"note: {output} continues on {', '.join(data)} (started on {', '.join(started_on)}), taken as a moved copy")
 
 
 def _resume_point(output: str) -> IntactCheckpoint | None:

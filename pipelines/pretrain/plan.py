@@ -25,7 +25,7 @@ class PretrainPlan:
         train_view: the two-view transform the lanes apply.
         ingest_state: the IngestState actor counting delivered / skipped images.
         mlflow_run_id: the run's MLflow run (None when tracking is off or failed).
-        tracking_uri: the MLflow tracking URI.
+        tracking_uri: the MLflow tracking URI (None: tracking disabled).
         has_knn: labelled evaluation data was given (``knn_bank`` / ``knn_query`` datasets).
         num_classes: classes of the evaluation labels, when known.
         console: the RunConsole actor (pipelines.run_console) the workers' notes and steps go to.
@@ -43,7 +43,7 @@ class PretrainPlan:
     train_view: TwoViewFunction
     ingest_state: Any
     mlflow_run_id: str | None
-    tracking_uri: str
+    tracking_uri: str | None
     has_knn: bool
     num_classes: int | None
     console: Any

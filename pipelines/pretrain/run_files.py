@@ -36,6 +36,14 @@ def read_text(run_dir: str, name: str) -> str | None:
         return stream.read().decode()
 
 
+def remove_file(run_dir: str, name: str) -> None:
+    """Delete ``run_dir/name`` if it exists."""
+    filesystem, base = resolve_filesystem(run_dir)
+    path = posixpath.join(base, name)
+    if filesystem.get_file_info(path).type == pafs.FileType.File:
+        filesystem.delete_file(path)
+
+
 def write_json(run_dir: str, name: str, data: Any) -> None:
     write_text(run_dir, name, json.dumps(data, indent=2))
 

@@ -46,12 +46,12 @@ class Tracker:
     """One MLflow run, written to by this process; failures warn once and disable MLflow.
 
     Args:
-        uri: tracking URI (see :func:`default_tracking_uri`).
+        uri: tracking URI (see :func:`default_tracking_uri`); None only when not ``enabled``.
         enabled: False records only the local JSONL.
         metrics_path: where every logged metric is appended as a JSON line.
     """
 
-    def __init__(self, uri: str, enabled: bool, metrics_path: Path | None = None):
+    def __init__(self, uri: str | None, enabled: bool, metrics_path: Path | None = None):
         self.uri = uri
         self.enabled = enabled
         self.metrics_path = metrics_path

@@ -114,6 +114,9 @@ def test_overrides_parse_yaml_values_and_scientific_notation():
         ("eval.crop_fraction=0", "eval.crop_fraction=0.0 is invalid: expected in (0, 1]"),
         ("eval.crop_fraction=1.5", "eval.crop_fraction=1.5 is invalid"),
         ("optim.lr", "not of the form key.sub=value"),
+        ("training.epochs=-3", "training.epochs=-3.0 is invalid: expected >= 0"),
+        ("eval.every_epochs=-1", "eval.every_epochs=-1 is invalid: expected >= 0"),
+        ("eval.image_size=-5", "eval.image_size=-5 is invalid: expected >= 8, or 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

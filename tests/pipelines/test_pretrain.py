@@ -140,6 +140,31 @@ def test_bad_configs_are_rejected_before_ray_starts(arguments, message, tmp_path
     assert ray.is_initialized() == was_running
 
 
+def test_resume_with_output_and_an_output_that_is_a_file_are_refused_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    was_running = ray.is_initialized()
+    assert main(["pretrain", "--resume", str(tmp_path), "--output", str(tmp_path / "elsewhere")]) == 1
+    assert "--resume DIR continues the run in DIR, where it writes; leave out --output" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("mine")
+    assert main(["pretrain", "--recipe", "demo", "--data", str(tmp_path), "--output", str(tmp_path / "afile")]) == 1
+    assert f"moco: error: --output {tmp_path / 'afile'} is a file; give a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "mine" and ray.is_initialized() == was_running
+
+
+def test_column_options_are_names_even_when_they_read_as_numbers():
+    import argparse
+
+    from pipelines.pretrain.command import _scaling_overrides
+
+    args = argparse.Namespace(
+        workers=2, cpus_per_worker=None, gpus_per_worker=None, max_failures=None,
+        image_column="0", label_column="true", key_column=None,
+    )  # fmt: skip
+    config = load_config("demo", _scaling_overrides(args))
+    assert (config.scaling.workers, config.data.image_column, config.data.label_column) == (2, "0", "true")
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(ray_cluster, tiny_shards, tmp_path):
     train, _ = tiny_shards
     run_dir = str(tmp_path / "run")
@@ -172,27 +197,39 @@ EPOCH_END_CHECKPOINTS = ("training.epochs=3", "checkpoint.every_steps=0", "debug
 
 
 def test_resume_continues_a_stopped_run_past_a_damaged_checkpoint_and_a_garbage_pointer(
-    ray_cluster, tiny_shards, tmp_path, capfd
+    ray_cluster, tiny_shards, tmp_path, capfd, monkeypatch
 ):
+    """Also: the run is resumed from another directory, with the paths it was started with relative
+    and its MLflow store found from run.json (``tracking.uri`` null on resume)."""
     import mlflow
 
-    train, _ = tiny_shards
+    train, val = tiny_shards
     run_dir = tmp_path / "run"
     config = _config(tmp_path, *EPOCH_END_CHECKPOINTS, "debug.fail_at_step=9")
+    monkeypatch.chdir(Path(train).parent)
     with pytest.raises(RunFailed, match=r"injected failure at step 9.*resume from step 8 with --resume"):
-        run_pretraining(config, [train], str(run_dir))
+        run_pretraining(config, [Path(train).name], str(run_dir))
     assert read_pointer(str(run_dir))["step"] == 8
     client = mlflow.MlflowClient(tracking_uri=config.tracking.uri)
     run_id = read_pointer(str(run_dir))["mlflow_run_id"]
     assert client.get_run(run_id).info.status == "FAILED"
     with pytest.raises(ConfigError, match="already holds a run"):
         run_pretraining(config, [train], str(run_dir))
+    # Refused before anything runs: a run shorter than it has trained, and a resume on other data.
+    shorter, _ = load_run_for_resume(str(run_dir), ["training.epochs=1"])
+    with pytest.raises(ConfigError, match="has trained 8 steps and the config now plans 4: a run cannot be made"):
+        run_pretraining(shorter, [train], str(run_dir), resume=True)
+    with pytest.raises(ConfigError, match=rf"was started on {train} \(32 images\); --data {val} holds 12"):
+        run_pretraining(shorter, [val], str(run_dir), resume=True)
     damaged = run_dir / "train" / "checkpoint_step000000008" / "model.pt"  # the newest
     _truncate(damaged)
     (run_dir / POINTER_NAME).write_text("")
     capfd.readouterr()
-    resumed_config, inputs = load_run_for_resume(str(run_dir), ["debug.fail_at_step=0"])
+    monkeypatch.chdir(tmp_path)
+    resumed_config, inputs = load_run_for_resume(str(run_dir), ["debug.fail_at_step=0", "tracking.uri=null"])
+    assert inputs["data"] == [train] and inputs["tracking_uri"] == config.tracking.uri
     summary = run_pretraining(resumed_config, inputs["data"], str(run_dir), resume=True)
+    assert not (tmp_path / "mlruns").exists()
     err = capfd.readouterr().err
     assert f"warning: {run_dir / POINTER_NAME} is not valid JSON" in err
     assert f"warning: {damaged} has " in err and "resuming from step 4" in err
