@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def ensure_ray() -> bool:
         logging_level="INFO" if debug else "ERROR",
         **options,
     )
+    _stop_on_sigterm_as_on_ctrl_c()
     if not debug:
         _keep_raylet_messages_in_logs()
         where = context.address_info.get("session_dir")
@@ -90,6 +92,15 @@ def ensure_ray() -> bool:
             note(f"Ray's own log lines: {where}/logs (shown here with --debug)")
     quiet_ray_data()
     return address == "local"
+
+
+def _stop_on_sigterm_as_on_ctrl_c() -> None:
+    """SIGTERM (``kill``, a scheduler ending the job, Kubernetes deleting its pod) raises
+    KeyboardInterrupt, as Ctrl-C does: a run then says where it stopped and how to continue, and
+    marks its MLflow run KILLED. Ray's own handler, which ``ray.init`` installs, exits at once
+    (the MLflow run stays RUNNING) and its C++ part prints a stack dump."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _keep_raylet_messages_in_logs() -> None:

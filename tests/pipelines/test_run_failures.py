@@ -100,14 +100,18 @@ def _no_processes_left(session: int, within: float = 20.0) -> list[str]:
     return _processes_in_session(session)
 
 
-def test_ctrl_c_stops_the_run_marks_it_killed_and_says_how_to_continue(shards, tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_the_run_marks_it_killed_and_says_how_to_continue(shards, tmp_path, stop):
     import mlflow
 
     run = tmp_path / "run"
     process = _start(_pretrain(shards, tmp_path, "--set", "training.epochs=100"), tmp_path / "stderr.txt")
     try:
         _wait_until(lambda: (run / "latest_checkpoint.json").exists(), process, 300, "first checkpoint")
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        if stop == "ctrl_c":
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        else:
+            os.kill(process.pid, signal.SIGTERM)  # what kill, a scheduler or Kubernetes sends the command
         assert process.wait(timeout=60) == 130
     finally:
         if process.poll() is None:
