@@ -219,13 +219,21 @@ def export_backbone(backbone: Backbone, file_format: str, output: str, force: bo
 
 
 def check_output_free(output: str, force: bool) -> None:
-    """Raise :class:`OutputExists` when ``output`` is there and ``force`` is false; refuse a directory."""
+    """Raise :class:`OutputExists` when ``output`` or its sidecar is there and ``force`` is false;
+    refuse a directory (or no name at all)."""
+    if not output:
+        raise ValueError("--output is empty; give a file name, e.g. backbone.pth")
     filesystem, path = resolve_filesystem(output)
     kind = filesystem.get_file_info(path).type
     if kind == pafs.FileType.Directory:
         raise ValueError(f"{output} is a directory; give a file name, e.g. {posixpath.join(output, 'backbone.pth')}")
-    if kind != pafs.FileType.NotFound and not force:
-        raise OutputExists(f"--output {output} already exists; choose another file or pass --force to overwrite it")
+    if force:
+        return
+    for existing in (output, sidecar_path(output)):
+        if filesystem.get_file_info(resolve_filesystem(existing)[1]).type != pafs.FileType.NotFound:
+            raise OutputExists(
+                f"--output {output}: {existing} already exists; choose another file or pass --force to overwrite it"
+            )
 
 
 def write_atomically(output: str, data: bytes) -> None:

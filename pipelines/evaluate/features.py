@@ -95,6 +95,17 @@ def plan_labelled(paths: list[str], config: ProbeConfig, role: str) -> Collectio
     return collection
 
 
+def require_labels(labels: np.ndarray, role: str) -> None:
+    """Raise ConfigError when images of ``role`` have no label (-1: images beside the class folders,
+    or shards of an unlabelled source): a probe or kNN would train or score on it."""
+    unlabelled = int((labels < 0).sum())
+    if unlabelled:
+        raise ConfigError(
+            f"{role}: {unlabelled} of {len(labels)} images have no label (images outside class folders, or "
+            "shards of an unlabelled source); a probe and kNN need every image labelled"
+        )
+
+
 def label_mapping(train: Collection, val: Collection) -> tuple[tuple[str, ...], np.ndarray | None]:
     """(class names, val label -> train label) when both name their classes, else (names, None).
 
@@ -390,6 +401,8 @@ def _extract_splits(
             raise ConfigError("cached.augmented_copies needs indexed data (shards written by 'moco shard', or Parquet)")
         passes.append(_Pass(train, RandomCropViewFunction(view.size, view.train_scale, limits), copies))
     extracted = _run_extraction(passes, config, view, shared)
+    require_labels(extracted[0].labels, "--train")
+    require_labels(extracted[1].labels, "--val")
     train_set, train_skipped = _feature_set(extracted[0], extracted[2] if copies else None, None, train.num_images or 0)
     val_set, val_skipped = _feature_set(extracted[1], None, mapping, val.num_images or 0)
     return train_set, train_skipped, val_set, val_skipped

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from moco_core.knn import knn_predict
+from pipelines.config import ConfigError
 from pipelines.console import note
 from pipelines.evaluate.backbones import Backbone, load_backbone
 from pipelines.evaluate.features import extract_cached_features
 from pipelines.evaluate.probe_config import ProbeConfig, resolve_view
 from pipelines.filesystems import join
-from pipelines.pretrain.run_files import write_json
+from pipelines.pretrain.run_files import read_json, write_json
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri
 
 SUMMARY = "knn_summary.json"
@@ -62,18 +63,25 @@ def run_knn(
     config: ProbeConfig,
     k: int = 200,
     temperature: float = 0.1,
+    force: bool = False,
 ) -> dict[str, Any]:
     """kNN top-1 / top-5 of the backbone's features: ``train`` is the bank, ``val`` the queries.
+
+    Args:
+        force: replace a ``knn_summary.json`` already in ``output`` (without it, it is refused).
 
     Raises:
         ConfigError, BackboneSourceError: bad inputs (one line).
     """
     if k < 1 or temperature <= 0:
-        from pipelines.config import ConfigError
-
         raise ConfigError(f"--k {k} / --temperature {temperature}: expected k >= 1 and temperature > 0")
     started = time.time()
     output = output if "://" in output else str(Path(output).resolve())
+    if not force and read_json(output, SUMMARY) is not None:
+        raise ConfigError(
+            f"{output} holds a kNN result ({SUMMARY}); choose a new --output, or pass --force to replace it "
+            "(its cached features are reused)"
+        )
     backbone = (
         backbone_source
         if isinstance(backbone_source, Backbone)

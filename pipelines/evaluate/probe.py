@@ -89,6 +89,7 @@ def run_probe(
     config: ProbeConfig,
     mode: str = "cached",
     resume: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the linear probe and return its summary (also written to ``OUTPUT/summary.json``).
 
@@ -99,7 +100,10 @@ def run_probe(
         output: the probe's directory (local path or URI).
         config: the validated probe config (``tracking.parent_run_id`` nests the MLflow run).
         mode: ``full`` or ``cached``.
-        resume: continue the ``full`` probe in ``output`` from its newest checkpoint.
+        resume: continue the ``full`` probe in ``output`` from its newest checkpoint (one finished
+            with ``optim.epochs`` epochs is reported complete at once).
+        force: replace the results of a finished cached probe in ``output`` (without it they are
+            refused); a full probe's checkpoints are never replaced.
 
     Returns:
         ``top1``, ``top5``, ``mode``, ``epochs``, ``history`` (per epoch), ``settings`` (the config
@@ -114,9 +118,15 @@ def run_probe(
         raise ConfigError(f"unknown probe mode {mode!r}; choose one of {', '.join(MODES)}")
     started = time.time()
     output = output if "://" in output else str(Path(output).resolve())
-    previous = read_json(output, PROBE_INPUTS)
-    if previous is not None and not resume and read_json(output, SUMMARY) is None and mode == "full":
-        raise ConfigError(f"{output} holds an unfinished full probe; continue it with --resume {output}")
+    finished = read_json(output, SUMMARY)
+    if resume and finished is not None and finished.get("epochs") == config.optim.epochs:
+        note(
+            f"{output} is already complete ({config.optim.epochs} epochs, top-1 {finished.get('top1', 0):.2f}%); "
+            f"to train it longer, give --resume {output} a larger --set optim.epochs=N"
+        )
+        return {**finished, "already_complete": True}
+    if not resume:
+        _check_output_free(output, read_json(output, PROBE_INPUTS), finished, force)
     backbone = (
         backbone_source
         if isinstance(backbone_source, Backbone)
@@ -179,6 +189,28 @@ def run_probe(
     tracker.finish("FINISHED")
     note(f"probe ({mode}): top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}% on {val[0]}; output {output}")
     return summary
+
+
+def _check_output_free(
+    output: str, previous: dict[str, Any] | None, finished: dict[str, Any] | None, force: bool
+) -> None:
+    """A new probe may write into ``output`` unless it holds a full probe (whose checkpoints the new
+    one would resume from) or, without ``force``, a finished probe's results.
+
+    Raises:
+        ConfigError: naming what ``output`` holds and what to do instead.
+    """
+    if previous is None:
+        return
+    if previous.get("mode") == "full" and finished is None:
+        raise ConfigError(f"{output} holds an unfinished full probe; continue it with --resume {output}")
+    if previous.get("mode") == "full":
+        raise ConfigError(f"{output} holds a finished full probe and its checkpoints; choose a new --output")
+    if finished is not None and not force:
+        raise ConfigError(
+            f"{output} holds a finished probe (top-1 {finished.get('top1', 0):.2f}%); choose a new --output, "
+            "or pass --force to replace its results (its cached features are reused)"
+        )
 
 
 def _run_cached(
@@ -391,4 +423,9 @@ def load_probe_for_resume(output: str, overrides: list[str]) -> tuple[ProbeConfi
     inputs, text = read_json(output, PROBE_INPUTS), read_text(output, CONFIG_FILE)
     if inputs is None or text is None:
         raise ConfigError(f"{output} holds no probe to resume (needs {PROBE_INPUTS} and {CONFIG_FILE})")
+    if inputs.get("mode") != "full":
+        raise ConfigError(
+            f"{output} holds a {inputs.get('mode')} probe; only a full probe resumes (a cached one reruns in "
+            "seconds from its features: give --force with the same --output)"
+        )
     return probe_config_from_mapping(apply_overrides(yaml.safe_load(text), overrides)), inputs

@@ -35,9 +35,14 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     _add_data_options(probe, required=False)  # not with --resume
     probe.add_argument("--output", metavar="DIR", help="probe directory (default: outputs/probe-<mode>-<time>)")
-    probe.add_argument("--mode", choices=("full", "cached"), default="cached", help="protocol (default: cached)")
+    probe.add_argument("--mode", choices=("full", "cached"), help="protocol (default: cached)")
     probe.add_argument("--recipe", help="probe recipe name or YAML path (default: lincls)")
     probe.add_argument("--resume", metavar="DIR", help="continue the interrupted full probe in DIR")
+    probe.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the results of a finished cached probe in --output (its cached features are reused)",
+    )
     add_overrides_option(probe, "override a probe config key, e.g. --set optim.lr=10 or --set model.arch=resnet50")
     probe.add_argument("--workers", type=positive_int, help="Ray Train workers for --mode full (scaling.workers)")
     probe.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (scaling.cpus_per_worker)")
@@ -54,7 +59,12 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         epilog=_SOURCE_HELP,
     )
     _add_data_options(knn, required=True)
-    knn.add_argument("--output", metavar="DIR", help="where features and knn_summary.json go (default: outputs/knn)")
+    knn.add_argument(
+        "--output", metavar="DIR", help="where features and knn_summary.json go (default: outputs/knn-<time>)"
+    )
+    knn.add_argument(
+        "--force", action="store_true", help="replace the knn_summary.json in --output (its cached features are reused)"
+    )
     knn.add_argument("--k", type=positive_int, default=200, help="neighbours (default: 200, as the official demo)")
     knn.add_argument("--temperature", type=float, default=0.1, help="vote temperature (default: 0.1)")
     add_overrides_option(knn, "override a probe config key (view.*, data.*, cached.*, model.arch, ...)")
@@ -73,15 +83,24 @@ def _run_probe(args: argparse.Namespace) -> dict:
 
     overrides = args.overrides + _scaling_overrides(args)
     if args.resume:
-        if args.recipe:
-            raise UserError("--resume continues a probe with its own config; give --set overrides instead of --recipe")
+        given = [
+            f"--{name}"
+            for name in ("recipe", "backbone", "train", "val", "output", "mode", "force")
+            if vars(args)[name]
+        ]
+        if given:
+            raise UserError(
+                f"--resume continues the probe in {args.resume} with its own backbone, data and config; "
+                f"leave out {', '.join(given)} (--set overrides apply)"
+            )
         config, inputs = load_probe_for_resume(args.resume, overrides)
         return run_probe(inputs["backbone"], inputs["train"], inputs["val"], args.resume, config, "full", resume=True)
     if not (args.backbone and args.train and args.val):
         raise UserError("moco probe needs --backbone, --train and --val (or --resume DIR)")
+    mode = args.mode or "cached"
     config = load_probe_config(args.recipe, overrides)
-    output = args.output or os.path.join("outputs", f"probe-{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return run_probe(args.backbone, args.train, args.val, output, config, args.mode)
+    output = args.output or os.path.join("outputs", f"probe-{mode}-{_now()}")
+    return run_probe(args.backbone, args.train, args.val, output, config, mode, force=args.force)
 
 
 def _run_knn(args: argparse.Namespace) -> dict:
@@ -89,4 +108,9 @@ def _run_knn(args: argparse.Namespace) -> dict:
     from pipelines.evaluate.probe_config import load_probe_config
 
     config = load_probe_config(None, args.overrides)
-    return run_knn(args.backbone, args.train, args.val, args.output or "outputs/knn", config, args.k, args.temperature)
+    output = args.output or os.path.join("outputs", f"knn-{_now()}")
+    return run_knn(args.backbone, args.train, args.val, output, config, args.k, args.temperature, force=args.force)
+
+
+def _now() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -38,6 +38,7 @@ from moco_core.linear_probe import (
 )
 from moco_core.photometric import normalize_batch
 from pipelines.console import note
+from pipelines.evaluate.features import require_labels
 from pipelines.evaluate.probe_config import ProbeConfig, probe_config_from_mapping
 from pipelines.ingest.stream import StreamLayout, StreamProgress, worker_training_batches
 from pipelines.pretrain.run_files import write_json
@@ -224,6 +225,7 @@ class FullProbeRunner:
             shard = ray.train.get_dataset_shard("val")
             for batch in shard.iter_torch_batches(batch_size=self.config.cached.batch_size):
                 features.append(self._features(batch["image"]))
+                require_labels(batch["label"].cpu().numpy(), "--val")
                 labels.append(batch["label"].to(self.device))
             label_tensor = torch.cat(labels)
             if self.plan.val_label_mapping is not None:
@@ -258,6 +260,7 @@ class FullProbeRunner:
         self._finish(stopped, time.perf_counter() - started, first_step)
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        require_labels(batch["label"].numpy(), "--train")  # on the host: no device sync
         labels = batch["label"].to(self.device)
         features = self._features(batch["image"])
         for group in self.optimizer.param_groups:

@@ -198,6 +198,12 @@ def test_an_existing_output_is_refused_unless_forced(run, tmp_path):
     assert output.read_bytes() == b"precious"
     export_backbone(backbone, "torchvision", str(output), force=True)
     assert torch.equal(torch.load(output, weights_only=True)["conv1.weight"], backbone.state_dict["conv1.weight"])
+    # A sidecar of the name is someone's file too.
+    other = tmp_path / "other.pth"
+    Path(f"{other}.json").write_text("notes")
+    with pytest.raises(OutputExists, match=f"{other}: {other}.json already exists"):
+        export_backbone(backbone, "torchvision", str(other))
+    assert Path(f"{other}.json").read_text() == "notes" and not other.exists()
 
 
 def test_an_export_to_a_uri_is_written_through_pyarrow(run, tmp_path, monkeypatch):
@@ -241,7 +247,7 @@ def test_moco_export_end_to_end(run, tmp_path, capsys):
     assert cli.main(argv) == 1
     refused = capsys.readouterr().err.strip().splitlines()
     assert refused == [
-        f"moco: error: --output {output} already exists; choose another file or pass --force to overwrite it"
+        f"moco: error: --output {output}: {output} already exists; choose another file or pass --force to overwrite it"
     ]
     assert cli.main([*argv, "--force", "--format", "detectron2"]) == 0
     capsys.readouterr()

@@ -12,6 +12,7 @@ from moco_core.augment import RandomResizedCropTransform
 from moco_core.encoders import build_backbone
 from pipelines.cli import main
 from pipelines.config import ConfigError
+from pipelines.evaluate.knn import run_knn
 from pipelines.evaluate.probe import ProbeFailed, run_probe
 from pipelines.evaluate.probe_config import load_probe_config, resolve_view
 from pipelines.evaluate.probe_worker import backbone_differences
@@ -163,15 +164,16 @@ def test_cached_probe_learns_the_classes_tracks_mlflow_and_reuses_features(
     # The same backbone and data again: the features are read back, not extracted.
     parent = client.create_run(run.info.experiment_id).info.run_id
     config = _config(tmp_path, "optim.epochs=10", f"tracking.parent_run_id={parent}")
-    again = run_probe(backbone, [train], [val], str(output), config, "cached")
+    with pytest.raises(ConfigError, match=r"holds a finished probe \(top-1 .*pass --force to replace its results"):
+        run_probe(backbone, [train], [val], str(output), config, "cached")
+    assert json.loads((output / "summary.json").read_text()) == summary
+    again = run_probe(backbone, [train], [val], str(output), config, "cached", force=True)
     assert again["features_reused"] is True and again["features"] == summary["features"]
     assert again["top1"] == summary["top1"]  # same features, same seed
     assert client.get_run(again["mlflow_run_id"]).data.tags["mlflow.parentRunId"] == parent
 
 
 def test_cached_probe_with_augmented_copies_and_knn_share_the_cache(ray_cluster, colour_shards, tmp_path):
-    from pipelines.evaluate.knn import run_knn
-
     backbone, train, val = colour_shards
     refs_before = _live_object_refs(ray_cluster)
     copies = run_probe(
@@ -185,7 +187,11 @@ def test_cached_probe_with_augmented_copies_and_knn_share_the_cache(ray_cluster,
     assert knn["features_reused"] is False  # centre crops only: another key than with copies
     # Nothing of the extractions stays pinned in the object store (it would fill it over a sweep).
     assert _live_object_refs(ray_cluster) <= refs_before
-    knn_again = run_knn(backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=10, temperature=0.1)
+    with pytest.raises(ConfigError, match="holds a kNN result"):
+        run_knn(backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=10, temperature=0.1)
+    knn_again = run_knn(
+        backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=10, temperature=0.1, force=True
+    )
     assert knn_again["features_reused"] is True and knn_again["top1"] == knn["top1"]
 
 
@@ -201,6 +207,12 @@ def test_full_probe_resumes_and_agrees_with_cached(ray_cluster, colour_shards, t
     cached = run_probe(backbone, [train], [val], str(tmp_path / "c"), _config(tmp_path, "optim.epochs=10"))
     assert resumed["top1"] >= 90.0 and abs(resumed["top1"] - cached["top1"]) <= 10.0
     assert torch.load(Path(output) / "linear.pt", weights_only=True)["weight"].shape == (3, 512)
+    # Finished: a resume with as many epochs says so at once; a new probe there is refused (it would
+    # resume from these checkpoints).
+    done = run_probe(backbone, [train], [val], output, _config(tmp_path, "optim.epochs=10", *scaling), "full", True)
+    assert done["already_complete"] is True and done["history"] == resumed["history"]
+    with pytest.raises(ConfigError, match="holds a finished full probe and its checkpoints; choose a new --output"):
+        run_probe(backbone, [train], [val], output, _config(tmp_path, "optim.epochs=1", *scaling), "full")
 
 
 def test_full_probe_fails_when_the_backbone_changes(ray_cluster, colour_shards, tmp_path):
@@ -217,3 +229,17 @@ def test_unlabelled_data_is_refused_in_one_line(ray_cluster, colour_shards, tmp_
     (folder / "x.jpg").write_bytes(jpeg_bytes(1))
     with pytest.raises(ConfigError, match="--val: no labels"):
         run_probe(backbone, [train], [str(folder)], str(tmp_path / "o"), _config(tmp_path))
+    # Shards of a flat folder have a label column, every label -1: caught once extracted.
+    (folder / "y.jpg").write_bytes(jpeg_bytes(2))
+    build_shards([folder], tmp_path / "flat_shards", workers=1, show_progress=False)
+    with pytest.raises(ConfigError, match="--val: 2 of 2 images have no label"):
+        run_knn(backbone, [train], [str(tmp_path / "flat_shards")], str(tmp_path / "k"), _config(tmp_path))
+
+
+def test_resume_takes_no_inputs_of_its_own_and_only_a_full_probe_resumes(tmp_path, capsys):
+    (tmp_path / "probe.json").write_text(json.dumps({"backbone": "b", "train": ["t"], "val": ["v"], "mode": "cached"}))
+    (tmp_path / "config.yaml").write_text("{}")
+    assert main(["probe", "--resume", str(tmp_path), "--backbone", "other.pt", "--mode", "full"]) == 1
+    assert "leave out --backbone, --mode (--set overrides apply)" in capsys.readouterr().err
+    assert main(["probe", "--resume", str(tmp_path)]) == 1
+    assert f"{tmp_path} holds a cached probe; only a full probe resumes" in capsys.readouterr().err
