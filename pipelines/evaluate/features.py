@@ -34,7 +34,7 @@ from pipelines.console import note
 from pipelines.evaluate.backbones import Backbone
 from pipelines.evaluate.probe_config import ProbeConfig, ProbeView
 from pipelines.filesystems import join, resolve_filesystem
-from pipelines.ingest.planning import plan_collection
+from pipelines.ingest.planning import DataSourceError, plan_collection
 from pipelines.ingest.sources import check_decodable
 from pipelines.ingest.units import Collection, ColumnNames
 
@@ -86,7 +86,12 @@ class CachedFeatures:
 def plan_labelled(paths: list[str], config: ProbeConfig, role: str) -> Collection:
     """A labelled, decodable collection of known size, or ConfigError naming ``role``."""
     data = config.data
-    collection = plan_collection(paths, data.layout, ColumnNames(data.image_column, data.label_column, data.key_column))
+    try:
+        collection = plan_collection(
+            paths, data.layout, ColumnNames(data.image_column, data.label_column, data.key_column)
+        )
+    except DataSourceError as error:
+        raise ConfigError(f"{role}: {error}") from None
     check_decodable(collection)
     if not collection.labelled:
         raise ConfigError(f"{role}: no labels found (class folders, a label column or .cls files): a probe needs them")

@@ -229,6 +229,8 @@ def test_unlabelled_data_is_refused_in_one_line(ray_cluster, colour_shards, tmp_
     (folder / "x.jpg").write_bytes(jpeg_bytes(1))
     with pytest.raises(ConfigError, match="--val: no labels"):
         run_probe(backbone, [train], [str(folder)], str(tmp_path / "o"), _config(tmp_path))
+    with pytest.raises(ConfigError, match=f"--train: {tmp_path / 'nowhere'} does not exist"):
+        run_probe(backbone, [str(tmp_path / "nowhere")], [train], str(tmp_path / "o2"), _config(tmp_path))
     # Shards of a flat folder have a label column, every label -1: caught once extracted.
     (folder / "y.jpg").write_bytes(jpeg_bytes(2))
     build_shards([folder], tmp_path / "flat_shards", workers=1, show_progress=False)
