@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 import torch
 
 from moco_core import __version__
+from moco_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.evaluate.backbones import Backbone
 from pipelines.filesystems import resolve_filesystem
 
@@ -41,14 +42,18 @@ FORMATS: tuple[str, ...] = ("torchvision", "detectron2")
 SIDECAR_SUFFIX = ".json"
 DETECTRON2_AUTHOR = "MOCO"
 
-#: detectron2 settings for a backbone trained on torchvision-normalised RGB input, as the official
-#: ``detection/configs/*_moco.yaml`` set them: mean/std in 0-255 RGB, the stride in the 3x3 conv.
-DETECTRON2_INPUT_CONFIG: dict[str, str] = {
-    "MODEL.PIXEL_MEAN": "[123.675, 116.280, 103.530]",
-    "MODEL.PIXEL_STD": "[58.395, 57.120, 57.375]",
-    "MODEL.RESNETS.STRIDE_IN_1X1": "False",
-    "INPUT.FORMAT": "RGB",
-}
+#: detectron2 settings for a backbone trained on RGB input, as the official
+#: ``detection/configs/*_moco.yaml`` set them: the stride in the 3x3 conv (mean/std: below).
+DETECTRON2_INPUT_CONFIG: dict[str, str] = {"MODEL.RESNETS.STRIDE_IN_1X1": "False", "INPUT.FORMAT": "RGB"}
+
+
+def detectron2_pixel_statistics(backbone: Backbone) -> dict[str, str]:
+    """``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` (0-255 RGB) of the input the backbone was pretrained on:
+    its run's ``augment.mean`` / ``std`` (CIFAR's for a ``cifar-v2`` run), else ImageNet's."""
+    augment = (backbone.provenance.get("config") or {}).get("augment") or {}
+    mean, std = augment.get("mean") or IMAGENET_MEAN, augment.get("std") or IMAGENET_STD
+    statistics = {"MODEL.PIXEL_MEAN": mean, "MODEL.PIXEL_STD": std}
+    return {key: "[" + ", ".join(f"{255 * value:.3f}" for value in values) + "]" for key, values in statistics.items()}
 
 
 class OutputExists(ValueError):
@@ -122,7 +127,12 @@ def loading_instructions(backbone: Backbone, file_format: str, output: str) -> l
             )
         steps.append("print(model.load_state_dict(state, strict=False))  # missing exactly fc.weight, fc.bias")
         return steps
-    settings = {"MODEL.WEIGHTS": name, **DETECTRON2_INPUT_CONFIG, **detectron2_resnet_config(backbone.arch)}
+    settings = {
+        "MODEL.WEIGHTS": name,
+        **detectron2_pixel_statistics(backbone),
+        **DETECTRON2_INPUT_CONFIG,
+        **detectron2_resnet_config(backbone.arch),
+    }
     steps = [f"detectron2 config: {key} {value}" for key, value in settings.items()]
     if backbone.small_image_stem:
         steps.append(

@@ -160,6 +160,25 @@ def test_detectron2_resnet_settings_build_the_same_network(arch, settings):
     assert detectron2_resnet_config(arch) == settings
 
 
+def test_detectron2_pixel_statistics_are_those_the_backbone_was_pretrained_with():
+    from types import SimpleNamespace
+
+    from pipelines.evaluate.export import detectron2_pixel_statistics
+
+    cifar = SimpleNamespace(
+        provenance={"config": {"augment": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2, 0.25, 0.5]}}}
+    )
+    assert detectron2_pixel_statistics(cifar) == {
+        "MODEL.PIXEL_MEAN": "[125.307, 122.961, 113.858]",
+        "MODEL.PIXEL_STD": "[51.000, 63.750, 127.500]",
+    }
+    torchvision = SimpleNamespace(provenance={})  # no run: ImageNet's, as the official detection configs
+    assert detectron2_pixel_statistics(torchvision) == {
+        "MODEL.PIXEL_MEAN": "[123.675, 116.280, 103.530]",
+        "MODEL.PIXEL_STD": "[58.395, 57.120, 57.375]",
+    }
+
+
 def test_the_sidecar_records_provenance_and_the_file_hash(run, tmp_path):
     root, _, config = run
     output = tmp_path / "d2.pkl"
