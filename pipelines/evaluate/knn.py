@@ -90,6 +90,10 @@ def run_knn(
     config = replace(config, cached=replace(config.cached, augmented_copies=0))
     view = resolve_view(config, backbone.provenance.get("config"))
     features = extract_cached_features(backbone, train, val, config, view, join(output, "features"))
+    bank_size = features.train.num_images
+    if k > bank_size:
+        note(f"kNN: --k {k} is more than the {bank_size} bank images; using k={bank_size}")
+        k = bank_size
     top1, top5 = knn_accuracy(
         torch.from_numpy(features.train.features),
         torch.from_numpy(features.train.labels),

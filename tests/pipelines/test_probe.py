@@ -190,9 +190,10 @@ def test_cached_probe_with_augmented_copies_and_knn_share_the_cache(ray_cluster,
     with pytest.raises(ConfigError, match="holds a kNN result"):
         run_knn(backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=10, temperature=0.1)
     knn_again = run_knn(
-        backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=10, temperature=0.1, force=True
+        backbone, [train], [val], str(tmp_path / "p"), _config(tmp_path), k=100, temperature=0.1, force=True
     )
-    assert knn_again["features_reused"] is True and knn_again["top1"] == knn["top1"]
+    assert knn_again["k"] == 36  # no more neighbours than bank images
+    assert knn_again["features_reused"] is True
 
 
 def test_full_probe_resumes_and_agrees_with_cached(ray_cluster, colour_shards, tmp_path):
