@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -39,9 +40,10 @@ EXCLUDES = [
     ".mypy_cache",
     ".ruff_cache",
 ]
-#: Options of moco commands that name files: on a cluster a relative path would resolve inside the
-#: job's temporary copy of the project, on whichever node runs the driver.
-PATH_OPTIONS = ("--output", "-o", "--resume", "--data", "--val-data", "--work-dir")
+#: How the commands' parsers name a value that is a path or URI (``--output DIR``, ``--data URI``,
+#: ``--backbone SOURCE``, ``--work-dir`` with its default WORK_DIR): on a cluster a relative path
+#: would resolve inside the job's temporary copy of the project, on whichever node runs the driver.
+PATH_METAVAR = re.compile(r"DIR|FILE|URI|SOURCE|\w+_(DIR|FILE)")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -149,25 +151,78 @@ def project_runtime_env(storage: str | None = None, env: dict[str, str] | None =
 
 
 def _command(arguments: list[str]) -> list[str]:
-    """The command after ``--``: a moco command whose file options are absolute paths or URIs."""
+    """The command after ``--``: a moco command whose path options are absolute paths or URIs."""
     command = arguments[1:] if arguments[:1] == ["--"] else list(arguments)
     if not command:
         raise UserError("give the command to run after --, e.g. moco submit -- moco pretrain --recipe demo ...")
     if Path(command[0]).name != "moco":
         raise UserError(f"the command after -- must be a moco command (moco pretrain ...), got {command[0]!r}")
-    for index, word in enumerate(command):
-        option, _, value = word.partition("=")
-        if option not in PATH_OPTIONS:
-            continue
-        values = [value] if value else _option_values(command[index + 1 :])
-        for path in values:
-            if "://" not in path and not os.path.isabs(os.path.expanduser(path)):
-                raise UserError(
-                    f"{option} {path} is a relative path: on the cluster it would resolve inside the job's temporary "
-                    "copy of this project; give an absolute path that every node reads, or a URI (s3://, gs://), "
-                    "or leave --output out and give moco submit --storage URI"
-                )
+    relative = _relative_paths(command)
+    if relative:
+        option, path = relative[0]
+        pretrain_output = command[1:2] == ["pretrain"] and option == "--output"
+        storage = " (or leave --output out and give moco submit --storage URI)" if pretrain_output else ""
+        raise UserError(
+            f"{option} {path} is a relative path: on the cluster it would resolve inside the job's temporary copy "
+            f"of this project; give an absolute path that every node reads, or a URI (s3://, gs://){storage}"
+        )
     return command
+
+
+def path_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The options of ``parser`` and of its subcommands, at any depth, whose value is a path or URI
+    (by :data:`PATH_METAVAR`), each with its action."""
+    options: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subcommand in action.choices.values():
+                options.update(path_options(subcommand))
+        elif action.option_strings and PATH_METAVAR.fullmatch(str(action.metavar or action.dest.upper())):
+            options.update(dict.fromkeys(action.option_strings, action))
+    return options
+
+
+def _relative_paths(command: list[str]) -> list[tuple[str, str]]:
+    """``(option, path)`` for each relative local path given to a path option of the moco
+    ``command``; options are those of the product's parsers (abbreviations resolved as argparse does)."""
+    from pipelines.cli import build_parser  # pipelines.cli imports this module
+
+    root = build_parser()
+    parser = _subcommand_parser(root, command[1:]) or root  # e.g. moco bench: the product's options by name
+    options = path_options(parser)
+    relative = []
+    for index, word in enumerate(command):
+        written, sep, value = word.partition("=")
+        option = written if written in options else _abbreviated(parser, written)
+        if option not in options:
+            continue
+        if sep:
+            values = [value]
+        else:
+            following = _option_values(command[index + 1 :])
+            values = following if options[option].nargs in ("+", "*") else following[:1]
+        relative += [
+            (option, path) for path in values if "://" not in path and not os.path.isabs(os.path.expanduser(path))
+        ]
+    return relative
+
+
+def _subcommand_parser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser | None:
+    """The parser of the (sub)command that ``words`` name (``tune momentum --data ...``); None if unknown."""
+    for word in words:
+        subcommands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        if not subcommands:
+            break
+        if word not in subcommands[0].choices:
+            return None
+        parser = subcommands[0].choices[word]
+    return parser
+
+
+def _abbreviated(parser: argparse.ArgumentParser, word: str) -> str | None:
+    """The long option of ``parser`` that ``word`` abbreviates (a unique prefix, as argparse accepts)."""
+    matches = [option for option in parser._option_string_actions if word.startswith("--") and option.startswith(word)]
+    return matches[0] if len(matches) == 1 else None
 
 
 def _option_values(rest: list[str]) -> list[str]:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli import build_parser, main
 from pipelines.cli_common import UserError
 from pipelines.ingest.shards import build_shards
-from pipelines.submit import EXCLUDES, _command, project_runtime_env
+from pipelines.submit import EXCLUDES, _command, path_options, project_runtime_env
 from tests.pipelines.fixtures import TINY_PRETRAIN, write_image_folder
 from tests.pipelines.ray_processes import ray_head
 
@@ -27,6 +27,16 @@ JOB_SETTINGS = [*TINY_PRETRAIN, "scaling.workers=1", "training.epochs=1"]
         (["--", "moco", "pretrain", "--output", "runs/x"], "--output runs/x is a relative path"),
         (["--", "moco", "pretrain", "--output=runs/x"], "--output runs/x is a relative path"),
         (["--", "moco", "pretrain", "--data", "/data/a", "shards/b", "--json"], "--data shards/b is a relative path"),
+        (["moco", "probe", "--backbone", "run", "--train", "/t", "--val", "/v"], "--backbone run is a relative path"),
+        (["moco", "probe", "--backbone", "/r", "--train", "/t", "shards/train"], "--train shards/train is a relative"),
+        (["moco", "knn", "--backbone", "/r", "--train", "/t", "--val", "shards/val"], "--val shards/val is a relative"),
+        (["moco", "tune", "momentum", "--data", "/d", "--probe-train", "p/t"], "--probe-train p/t is a relative"),
+        (["moco", "tune", "mechanism", "--data", "/d", "--probe-val=p/v"], "--probe-val p/v is a relative path"),
+        (["moco", "tune", "probe", "--backbone", "/r", "--resume", "sweep"], "--resume sweep is a relative path"),
+        (["moco", "export", "--backbone", "/r", "-o", "r.pth"], "-o r.pth is a relative path"),
+        (["moco", "shard", "/images", "--output", "shards"], "--output shards is a relative path"),
+        (["moco", "demo", "--work-dir", "demo"], "--work-dir demo is a relative path"),
+        (["moco", "pretrain", "--data", "/d", "--val", "v"], "--val-data v is a relative path"),  # an abbreviation
     ],
 )
 def test_commands_that_would_go_wrong_on_a_cluster_are_refused(command, message):
@@ -34,9 +44,39 @@ def test_commands_that_would_go_wrong_on_a_cluster_are_refused(command, message)
         _command(command)
 
 
-def test_absolute_paths_and_uris_pass_and_the_project_travels_with_the_job():
-    command = ["--", "moco", "pretrain", "--data", "s3://b/train", "/data/x", "--output", "/shared/runs/a"]
-    assert _command(command) == command[1:]
+def test_every_path_option_of_every_command_is_checked():
+    expected = {"--backbone", "--train", "--val", "--data", "--val-data", "--probe-train", "--probe-val"}
+    expected |= {"--output", "-o", "--resume", "--work-dir"}
+    assert expected <= set(path_options(build_parser()))
+    assert not {"--recipe", "--set", "--k", "--workers", "--format"} & set(path_options(build_parser()))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["moco", "pretrain", "--data", "s3://b/train", "/data/x", "--output", "/shared/runs/a"],
+        ["moco", "probe", "--backbone", "gs://b/run", "--train", "/t", "--val", "~/v", "--output=/o", "--mode=cached"],
+        [
+            "moco",
+            "tune",
+            "momentum",
+            "--data",
+            "/d",
+            "--probe-train",
+            "s3://b/t",
+            "--probe-val",
+            "/v",
+            "--values",
+            "0.9",
+        ],
+        ["moco", "shard", "-o", "/shared/shards", "images"],  # --output takes one value: the rest are sources
+    ],
+)
+def test_absolute_paths_and_uris_pass(command):
+    assert _command(["--", *command]) == command
+
+
+def test_the_project_travels_with_the_job():
     runtime_env = project_runtime_env("s3://b/runs", {"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert runtime_env["working_dir"] == str(ROOT) and set(EXCLUDES) <= set(runtime_env["excludes"])
     assert {".venv", "outputs", "mlruns"} <= set(runtime_env["excludes"])
