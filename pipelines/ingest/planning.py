@@ -17,7 +17,6 @@ Paths may be local paths, globs, or URIs that pyarrow's filesystems open (``s3:/
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import posixpath
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pipelines.console import note
 from pipelines.filesystems import join, resolve_filesystem, uri_for
-from pipelines.ingest.schema import MANIFEST_NAME
+from pipelines.ingest.schema import MANIFEST_NAME, ManifestError, read_manifest
 from pipelines.ingest.units import Collection, ColumnNames, UnitTable, unit_table
 from pipelines.ingest.webdataset import is_image_file_name
 
@@ -224,13 +223,17 @@ def _plan_moco(entries: list[tuple[str, pafs.FileSystem, str]]) -> Collection:
     total = 0
     for uri, filesystem, path in entries:
         with filesystem.open_input_stream(posixpath.join(path, MANIFEST_NAME)) as stream:
-            manifest = json.loads(stream.read())
-        names = tuple(manifest.get("class_names", ()))
+            text = stream.read().decode("utf-8", errors="replace")
+        try:
+            manifest = read_manifest(uri_for(uri, posixpath.join(path, MANIFEST_NAME)), text)
+        except ManifestError as error:
+            raise DataSourceError(str(error)) from None
+        names = tuple(manifest.class_names)
         if class_names and names and names != class_names:
             raise DataSourceError(f"{uri}: its class names differ from the other shard directories'")
         class_names = class_names or names
-        row_group_size = int(manifest.get("options", {}).get("row_group_size", 0))
-        table = _manifest_units(uri, manifest["shards"], row_group_size, first_index=total)
+        row_group_size = manifest.options.get("row_group_size", 0)
+        table = _manifest_units(uri, manifest.shards, row_group_size, first_index=total)
         tables.append(table)
         total += int(table.num_rows.sum())
     columns = ColumnNames("image", "label", "key")
@@ -271,7 +274,8 @@ def _pick_column(
     if required:
         raise DataSourceError(
             f"{uri}: no {role} column among {', '.join(candidates)} (columns: {', '.join(names)}); "
-            f"name it with --{role}-column"
+            f"name it with --{role}-column (moco pretrain) or --set data.{role}_column=NAME "
+            "(--probe-set for the probe data of moco tune momentum and mechanism)"
         )
     return None
 

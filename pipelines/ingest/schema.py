@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,7 +59,66 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """The manifest in ``text``.
+
+        Raises:
+            ValueError: ``text`` is not JSON (a ``json.JSONDecodeError``), or not a manifest's
+                structure (the message names the field).
+        """
         data = json.loads(text)
+        problem = _structure_problem(data)
+        if problem:
+            raise ValueError(problem)
         data["skipped"] = [SkippedFile(**item) for item in data.get("skipped", [])]
         known = {name for name in cls.__dataclass_fields__}
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+class ManifestError(ValueError):
+    """A ``_manifest.json`` that cannot be read; the message names it and says how to rebuild it."""
+
+
+def read_manifest(path: str, text: str) -> Manifest:
+    """The manifest at ``path``, whose content is ``text``.
+
+    Raises:
+        ManifestError: ``text`` is not JSON, or not a manifest ``moco shard`` writes.
+    """
+    # Not "rerun moco shard": it refuses a directory whose manifest it cannot read (shard_output.py).
+    rebuild = (
+        "rebuild the shards: rerun 'moco shard' on the sources with a new --output, "
+        f"or after deleting {posixpath.dirname(path) or '.'}"
+    )
+    try:
+        return Manifest.from_json(text)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"{path} is not valid JSON ({error}); {rebuild}") from None
+    except ValueError as error:
+        raise ManifestError(f"{path} is not a manifest written by 'moco shard' ({error}); {rebuild}") from None
+
+
+_SHARD_FIELDS = {"path": str, "num_images": int, "num_row_groups": int}
+_SKIPPED_FIELDS = {"source", "reason", "detail"}
+_LIST_FIELDS = ("shards", "class_names", "skipped", "sources")
+
+
+def _structure_problem(data: Any) -> str | None:
+    """What keeps the parsed JSON ``data`` from being a manifest, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    if "shards" not in data:
+        return "no 'shards' field"
+    for name in _LIST_FIELDS:
+        if not isinstance(data.get(name, []), list):
+            return f"'{name}' is not a list"
+    options = data.get("options", {})
+    if not isinstance(options, dict) or not isinstance(options.get("row_group_size", 0), int):
+        return "'options' is not an object with an int 'row_group_size'"
+    for index, shard in enumerate(data["shards"]):
+        for name, kind in _SHARD_FIELDS.items():
+            if not isinstance(shard, dict) or not isinstance(shard.get(name), kind):
+                return f"shards[{index}] has no {kind.__name__} '{name}'"
+    for index, skipped in enumerate(data.get("skipped", [])):
+        if not isinstance(skipped, dict) or not {"source", "reason"} <= skipped.keys() <= _SKIPPED_FIELDS:
+            return f"skipped[{index}] is not an object with 'source', 'reason' and optionally 'detail'"
+    return None

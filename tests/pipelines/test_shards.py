@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -409,6 +410,18 @@ def test_refuses_an_output_built_from_other_inputs(tmp_path):
     with pytest.raises(OutputConflictError, match="images_per_shard"):
         shard([source], output, images_per_shard=2)
     assert {path.name: path.read_bytes() for path in output.iterdir()} == contents
+
+
+def test_a_corrupt_manifest_is_refused_by_a_rerun_and_rebuilt_once_deleted(tmp_path):
+    """What the planner's error about a corrupt manifest advises (pipelines/ingest/schema.py)."""
+    source, output = flat_folder(tmp_path, 3), tmp_path / "out"
+    shard([source], output)
+    (output / MANIFEST_NAME).write_text("{bad")
+    with pytest.raises(OutputConflictError, match=f"{output / MANIFEST_NAME} is not a manifest written by"):
+        shard([source], output)
+    assert (output / MANIFEST_NAME).read_text() == "{bad"
+    shutil.rmtree(output)
+    assert shard([source], output).num_images == 3
 
 
 def test_refuses_an_output_holding_foreign_parquet(tmp_path):

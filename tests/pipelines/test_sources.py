@@ -3,6 +3,7 @@ planning reads only what it must (the manifest for moco shards, footers in paral
 
 import io
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -125,8 +126,14 @@ def test_explicit_column_names(tmp_path):
 
 def test_wrong_schema_names_the_file_and_the_column(tmp_path):
     pq.write_table(pa.table({"caption": ["a", "b"]}), tmp_path / "bad.parquet")
-    with pytest.raises(DataSourceError, match=r"bad\.parquet: no image column among image, jpg.*columns: caption"):
+    with pytest.raises(
+        DataSourceError, match=r"bad\.parquet: no image column among image, jpg.*columns: caption"
+    ) as raised:
         plan_collection(str(tmp_path / "bad.parquet"))
+    # Advice that works for every command: only moco pretrain has --image-column.
+    assert "name it with --image-column (moco pretrain) or --set data.image_column=NAME (--probe-set" in str(
+        raised.value
+    )
     pq.write_table(pa.table({"image": ["text", "not bytes"]}), tmp_path / "strings.parquet")
     with pytest.raises(DataSourceError, match=r"strings\.parquet: image column 'image' has type string"):
         plan_collection(str(tmp_path / "strings.parquet"))
@@ -274,6 +281,29 @@ def test_foreign_parquet_footers_fan_out_over_ray_tasks(ray_cluster, tmp_path, m
     (tmp_path / "9_odd.parquet").unlink()
     assert plan_collection(str(tmp_path)).num_images == 15
     assert ray_fan_outs == [3, 3]  # 6 files, then 5, in chunks of 2: Ray tasks, not the driver
+
+
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ("{bad", r"is not valid JSON \(Expecting property name"),
+        ("[1]", r"is not a manifest written by 'moco shard' \(expected a JSON object, got list\)"),
+        ('{"num_images": 3}', r"\(no 'shards' field\)"),
+        ('{"shards": [{"path": "s.parquet", "num_images": 3}]}', r"\(shards\[0\] has no int 'num_row_groups'\)"),
+        ('{"shards": [], "options": {"row_group_size": "64"}}', r"\('options' is not an object with an int"),
+    ],
+)
+def test_a_corrupt_manifest_is_one_line_naming_it(tmp_path, text, problem):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "_manifest.json").write_text(text)
+    with pytest.raises(DataSourceError) as raised:
+        plan_collection(str(tmp_path / "shards"))
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'shards' / '_manifest.json'} ") and "\n" not in message
+    assert re.search(problem, message)
+    assert message.endswith(
+        f"rerun 'moco shard' on the sources with a new --output, or after deleting {tmp_path / 'shards'}"
+    )
 
 
 def test_a_manifest_without_row_group_options_falls_back_to_the_footers(tmp_path, monkeypatch):
