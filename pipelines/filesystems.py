@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,6 +32,11 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
             raise StorageError(f"cannot open {uri}: {error}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def default_output_dir(name: str) -> str:
+    """``$MOCO_STORAGE/<name>-<time>`` (e.g. a bucket every node reads), else ``outputs/<name>-<time>``."""
+    return join(os.environ.get(STORAGE_ENV) or "outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def absolute_uri(uri: str) -> str:

@@ -4,8 +4,6 @@ and :func:`pipelines.evaluate.knn.run_knn`."""
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 from pipelines.cli_common import UserError, add_overrides_option, positive_int
 
@@ -34,7 +32,11 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         epilog=f"{_SOURCE_HELP} Probe recipes: lincls (recipes/probe/*.yaml) or a YAML path.",
     )
     _add_data_options(probe, required=False)  # not with --resume
-    probe.add_argument("--output", metavar="DIR", help="probe directory (default: outputs/probe-<mode>-<time>)")
+    probe.add_argument(
+        "--output",
+        metavar="DIR",
+        help="probe directory (default: outputs/probe-<mode>-<time>, under $MOCO_STORAGE when set)",
+    )
     probe.add_argument("--mode", choices=("full", "cached"), help="protocol (default: cached)")
     probe.add_argument("--recipe", help="probe recipe name or YAML path (default: lincls)")
     probe.add_argument("--resume", metavar="DIR", help="continue the interrupted full probe in DIR")
@@ -60,7 +62,9 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
     )
     _add_data_options(knn, required=True)
     knn.add_argument(
-        "--output", metavar="DIR", help="where features and knn_summary.json go (default: outputs/knn-<time>)"
+        "--output",
+        metavar="DIR",
+        help="where features and knn_summary.json go (default: outputs/knn-<time>, under $MOCO_STORAGE when set)",
     )
     knn.add_argument(
         "--force", action="store_true", help="replace the knn_summary.json in --output (its cached features are reused)"
@@ -80,6 +84,7 @@ def _scaling_overrides(args: argparse.Namespace) -> list[str]:
 def _run_probe(args: argparse.Namespace) -> dict:
     from pipelines.evaluate.probe import load_probe_for_resume, run_probe
     from pipelines.evaluate.probe_config import load_probe_config
+    from pipelines.filesystems import default_output_dir
 
     overrides = args.overrides + _scaling_overrides(args)
     if args.resume:
@@ -99,18 +104,15 @@ def _run_probe(args: argparse.Namespace) -> dict:
         raise UserError("moco probe needs --backbone, --train and --val (or --resume DIR)")
     mode = args.mode or "cached"
     config = load_probe_config(args.recipe, overrides)
-    output = args.output or os.path.join("outputs", f"probe-{mode}-{_now()}")
+    output = args.output or default_output_dir(f"probe-{mode}")
     return run_probe(args.backbone, args.train, args.val, output, config, mode, force=args.force)
 
 
 def _run_knn(args: argparse.Namespace) -> dict:
     from pipelines.evaluate.knn import run_knn
     from pipelines.evaluate.probe_config import load_probe_config
+    from pipelines.filesystems import default_output_dir
 
     config = load_probe_config(None, args.overrides)
-    output = args.output or os.path.join("outputs", f"knn-{_now()}")
+    output = args.output or default_output_dir("knn")
     return run_knn(args.backbone, args.train, args.val, output, config, args.k, args.temperature, force=args.force)
-
-
-def _now() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from pipelines.cli_common import UserError, add_overrides_option, positive_int
 
@@ -62,8 +63,9 @@ def _scaling_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> dict:
+    from pipelines.filesystems import default_output_dir
     from pipelines.pretrain.config import load_config
-    from pipelines.pretrain.driver import default_output_dir, load_run_for_resume, run_pretraining
+    from pipelines.pretrain.driver import load_run_for_resume, run_pretraining
 
     overrides = args.overrides + _scaling_overrides(args)
     if args.resume:
@@ -78,4 +80,5 @@ def _run(args: argparse.Namespace) -> dict:
     if not args.recipe or not args.data:
         raise UserError("moco pretrain needs --recipe and --data (or --resume DIR)")
     config = load_config(args.recipe, overrides)
-    return run_pretraining(config, args.data, args.output or default_output_dir(args.recipe), val_data=args.val_data)
+    output = args.output or default_output_dir(Path(args.recipe).stem)
+    return run_pretraining(config, args.data, output, val_data=args.val_data)

@@ -29,7 +29,7 @@ from moco_core.image_io import ImageLimits
 from pipelines.cli_common import Interrupted, UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
-from pipelines.filesystems import STORAGE_ENV, absolute_uri, join
+from pipelines.filesystems import absolute_uri, join
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.sources import check_decodable
 from pipelines.ingest.stream import build_view_dataset, plan_layout
@@ -504,9 +504,3 @@ def load_run_for_resume(output: str, overrides: list[str]) -> tuple[PretrainConf
         raise ConfigError(f"{output} holds no run to resume (needs {CONFIG_FILE} and {RUN_INPUTS})")
     data = apply_overrides(yaml.safe_load(config_text), overrides)
     return config_from_mapping(data), inputs
-
-
-def default_output_dir(recipe: str) -> str:
-    """``$MOCO_STORAGE/<recipe>-<time>`` (e.g. a bucket every node reads), else ``outputs/<recipe>-<time>``."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return join(os.environ.get(STORAGE_ENV) or "outputs", f"{Path(recipe).stem}-{stamp}")
