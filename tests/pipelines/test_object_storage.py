@@ -115,3 +115,12 @@ def test_pretrain_fail_resume_and_probe_with_data_and_run_directories_in_a_bucke
     assert json.loads(read(f"{BUCKET}/probes/tiny/summary.json"))["top1"] == result["top1"]
     cached = result["features"].removeprefix("s3://")
     assert read(f"{cached}/meta.json") and read(f"{cached}/train_features.npy")
+
+
+def test_default_outputs_go_under_moco_storage_when_it_is_set(monkeypatch):
+    from pipelines.filesystems import STORAGE_ENV, default_output_dir
+
+    monkeypatch.delenv(STORAGE_ENV, raising=False)
+    assert default_output_dir("knn").startswith("outputs/knn-")
+    monkeypatch.setenv(STORAGE_ENV, "s3://bucket/moco-runs")
+    assert default_output_dir("probe-cached").startswith("s3://bucket/moco-runs/probe-cached-")
