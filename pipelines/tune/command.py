@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pipelines.cli_common import UserError, add_overrides_option, positive_int
 
@@ -21,6 +23,15 @@ def _numbers(kind: type) -> Callable[[str], list]:
         return values
 
     return parse
+
+
+class _SweepParser(argparse.ArgumentParser):
+    """Takes ``--lrs -1,10`` as the option's value: argparse's own rule reads only ``-1`` or
+    ``-0.5`` as a negative number, and anything else starting with ``-`` as an option."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
 
 def _words(text: str) -> list[str]:
@@ -56,8 +67,8 @@ def _add_pretrain_options(parser: argparse.ArgumentParser) -> None:
         "--oscillation-tolerance",
         type=float,
         default=0.05,
-        help="a loss not decreasing at the end and swinging about its trend line by more than this fraction "
-        "of its mean fails",
+        help="a loss not decreasing at the end and swinging up and down by more than this share of its mean "
+        "per logged step fails (a rise is no swing)",
     )
 
 
@@ -68,7 +79,7 @@ def register(commands: argparse._SubParsersAction, common: argparse.ArgumentPars
         description="Sweeps on Ray Tune, every trial a nested MLflow run under the sweep's run, with a results table "
         "and a plot. Details: docs/TUNE.md.",
     )
-    sweeps = tune.add_subparsers(dest="sweep", metavar="SWEEP")
+    sweeps = tune.add_subparsers(dest="sweep", metavar="SWEEP", parser_class=_SweepParser)
 
     probe = sweeps.add_parser(
         "probe",

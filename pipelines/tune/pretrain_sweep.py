@@ -31,6 +31,7 @@ from pipelines.pretrain.run_files import logged_losses
 from pipelines.tune.plots import mechanism_plot, momentum_plot
 from pipelines.tune.sweep import (
     TRIALS_DIR,
+    check_output,
     finish_sweep,
     flat_point,
     json_override,
@@ -43,7 +44,7 @@ from tune_spaces.mechanism import mechanism_overrides, mechanism_points
 from tune_spaces.momentum import PROBE_LRS, momentum_points
 
 METRICS = ("probe", "knn")
-#: Relative swing (standard deviation about its trend line / mean) of the last window's loss above
+#: Relative swing (the back-and-forth movement per log step / mean) of the last window's loss above
 #: which a loss that is not decreasing counts as oscillating.
 OSCILLATION_TOLERANCE = 0.05
 #: Fewest logged losses the oscillation rule judges.
@@ -106,6 +107,16 @@ def chance_loss(config: PretrainConfig) -> float:
     return math.log(candidates)
 
 
+def _swing(window: list[float], mean: float) -> float:
+    """How far the loss moves back and forth per log step, as a share of its mean: the distance it
+    travels beyond its net change (first to last value), halved (a reversal is travelled out and
+    back), per step. A monotone window has none however steep or curved; ``a, b, a, b, ...`` about
+    ``|b - a| / 2`` per step."""
+    travel = sum(abs(after - before) for before, after in zip(window, window[1:]))
+    back_and_forth = (travel - abs(window[-1] - window[0])) / 2
+    return back_and_forth / (len(window) - 1) / abs(mean) if mean else math.inf
+
+
 def loss_verdict(
     losses: list[float],
     tolerance: float = OSCILLATION_TOLERANCE,
@@ -117,10 +128,10 @@ def loss_verdict(
     The rule: a run fails when any loss is non-finite, or when over its last window (the last
     quarter of the logged losses, at least ``min_points``) the loss
 
-    * is not decreasing (its least-squares slope is >= 0) while swinging about that line by more
-      than ``tolerance`` of its mean (standard deviation of the residuals / mean): it oscillates
-      instead of converging. A smooth rise is not a swing: MoCo's loss rises early in training,
-      while the queue fills with keys of an encoder that is learning; or
+    * is not decreasing (its least-squares slope is >= 0) while swinging up and down by more than
+      ``tolerance`` of its mean per log step (:func:`_swing`): it oscillates instead of
+      converging. A rise is not a swing, however steep or curved: MoCo's loss rises early in
+      training, while the queue fills with keys of an encoder that is learning; or
     * has a mean within ``COLLAPSE_BAND`` of ``chance`` (:func:`chance_loss`, when given): the
       encoder collapsed, every key as similar to a query as its positive. Well above chance is
       not collapse: a memory bank's positives are its stale, at first random, entries, and its
@@ -140,12 +151,12 @@ def loss_verdict(
     slope = sum((i - center) * (value - mean) for i, value in enumerate(window)) / sum(
         (i - center) ** 2 for i in range(count)
     )
-    residuals = [value - mean - slope * (i - center) for i, value in enumerate(window)]
-    swing = math.sqrt(sum(value**2 for value in residuals) / count) / abs(mean) if mean else math.inf
+    swing = _swing(window, mean)
     if slope >= 0 and swing > tolerance:
         return "fail", (
             f"the pretext loss oscillates: not decreasing over its last {count} logged values "
-            f"(slope {slope:+.3g} per log step) and swinging by {100 * swing:.0f}% of its mean"
+            f"(slope {slope:+.3g} per log step) and swinging up and down by {100 * swing:.0f}% of its mean "
+            "per log step"
         )
     if chance is not None and abs(mean - chance) <= COLLAPSE_BAND * chance:
         return "fail", (
@@ -296,16 +307,32 @@ def _default_concurrency(config: PretrainConfig) -> int:
     return 1
 
 
-def _check_probe_data(plan: PretrainTrialPlan) -> None:
-    """The probe's collections exist and are labelled (before any trial starts)."""
+def _check_scoring(plan: PretrainTrialPlan) -> None:
+    """How trials are judged and scored is valid (before Ray starts): the oscillation tolerance,
+    the metric, and the probe's config, lrs and labelled collections."""
     from pipelines.evaluate.features import plan_labelled
     from pipelines.evaluate.probe_config import load_probe_config
 
+    tolerance = plan.oscillation_tolerance
+    if not 0 <= tolerance < math.inf:
+        raise ConfigError(f"--oscillation-tolerance {tolerance:g}: expected a share of the loss's mean >= 0, e.g. 0.05")
+    if plan.probe.metric not in METRICS:
+        raise ConfigError(f"unknown metric {plan.probe.metric!r}; choose one of {', '.join(METRICS)}")
     if plan.probe.metric == "knn":
         if not plan.val_data:
             raise ConfigError("--metric knn needs labelled --val-data (the runs' kNN monitor)")
         return
-    config = load_probe_config(plan.probe.recipe, [*plan.probe.overrides, "tracking.enabled=false"])
+    try:
+        config = load_probe_config(plan.probe.recipe, [*plan.probe.overrides, "tracking.enabled=false"])
+    except ConfigError as error:
+        raise ConfigError(f"the probe's config (--probe-recipe, --probe-set): {error}") from None
+    if not plan.probe.lrs:
+        raise ConfigError("--probe-lrs: expected at least one lr")
+    for lr in plan.probe.lrs:
+        try:
+            replace(config.linear, lr=lr).validate()
+        except ValueError as error:
+            raise ConfigError(f"--probe-lrs: {error}") from None
     if not (plan.probe.val or plan.val_data):
         raise ConfigError("the probe needs labelled validation data: give --val-data or --probe-val")
     plan_labelled(list(plan.probe.train or plan.data), config, "--probe-train (default: --data)")
@@ -330,10 +357,9 @@ def _run_pretrain_sweep(
     from ray import tune
 
     from pipelines.ray_runtime import ensure_ray
+    from pipelines.train_jobs import check_cluster
 
     started = time.time()
-    if probe.metric not in METRICS:
-        raise ConfigError(f"unknown metric {probe.metric!r}; choose one of {', '.join(METRICS)}")
     base = config_to_dict(config)
     draft = PretrainTrialPlan(kind, base, tuple(data), tuple(val_data or ()), "", probe, (), oscillation_tolerance)
     for point in points:
@@ -341,8 +367,11 @@ def _run_pretrain_sweep(
             trial_config(draft, point, trial_name(point))
         except ConfigError as error:
             raise ConfigError(f"{kind} space point {point}: {error}") from None
-    ensure_ray()
-    _check_probe_data(draft)
+    _check_scoring(draft)
+    check_output(output, resume)
+    # Each trial's trainer is checked again inside the trial, where the cluster never counts as
+    # fixed: a trainer asking for GPUs no node has would wait there for ever.
+    check_cluster(config.scaling, config.data.reader_resources, fixed=ensure_ray())
     params = {
         "data": ",".join(data),
         "val_data": ",".join(val_data or []),
@@ -396,7 +425,8 @@ def _run_pretrain_sweep(
             "mlflow_run_id",
         ]
         plot = momentum_plot if kind == "momentum" else mechanism_plot
-        return finish_sweep(state, rows, columns, plot, started, {"metric": probe.metric, "dropped": dropped})
+        extra = {"metric": probe.metric, "dropped": dropped}
+        return finish_sweep(state, rows, columns, plot, started, extra, stopped_on_purpose=bool(stop_after_trials))
 
 
 def run_momentum_sweep(

@@ -26,6 +26,7 @@ from pipelines.tune.plots import probe_heatmap
 from pipelines.tune.sweep import (
     EXPERIMENT,
     SweepState,
+    check_output,
     finish_sweep,
     flat_point,
     json_override,
@@ -151,6 +152,26 @@ def _log_trial_runs(state: SweepState, rows: list[dict[str, Any]], base: dict[st
     state.save()
 
 
+def _check_trial_fits(cpus_per_trial: float, gpus_per_trial: float, fixed: bool) -> None:
+    """On a cluster that cannot grow (``fixed``: the local one this process started) one trial's
+    reservation must fit: Tune would otherwise wait for it for ever."""
+    import ray
+
+    if not fixed:
+        return
+    cluster = ray.cluster_resources()
+    for option, asked, resource in (
+        ("--cpus-per-trial", cpus_per_trial, "CPU"),
+        ("--gpus-per-trial", gpus_per_trial, "GPU"),
+    ):
+        have = cluster.get(resource, 0)
+        if asked > have:
+            raise ConfigError(
+                f"{option} {asked:g}: a trial asks for {asked:g} {resource}s and this machine has {have:g}; "
+                f"lower {option}, or join a cluster that has them (RAY_ADDRESS)"
+            )
+
+
 def _asha(points: list[Point], base: ProbeConfig) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
@@ -226,13 +247,14 @@ def run_probe_sweep(
         "gpus_per_trial": gpus_per_trial,
     }
     params = {"backbone": backbone, "train": ",".join(train), "val": ",".join(val), "scheduler": scheduler}
+    check_output(output, resume)
+    loaded = load_backbone(backbone, config.model.arch, config.model.small_image_stem)
+    view = resolve_view(config, loaded.provenance.get("config"))
+    _check_trial_fits(cpus_per_trial, gpus_per_trial, fixed=ensure_ray())
     state = start_sweep(
         "probe", output, points, inputs, params | flatten(base), config.tracking.uri, config.tracking.enabled, resume
     )
     with parent_marked_failed_on_error(state):
-        loaded = load_backbone(backbone, config.model.arch, config.model.small_image_stem)
-        view = resolve_view(config, loaded.provenance.get("config"))
-        ensure_ray()
         features = extract_cached_features(loaded, train, val, config, view, join(state.output, "features"))
         plan = ProbeTrialPlan(base, features.num_classes, max(1, math.ceil(cpus_per_trial)), gpus_per_trial > 0)
         arrays = (features.train.features, features.train.labels, features.val.features, features.val.labels)
@@ -256,4 +278,6 @@ def run_probe_sweep(
         keys = list(dict.fromkeys(key for point in state.points for key in point))
         columns = ["trial", *keys, "status", "top1", "top5", "epochs", "train_loss", "reason", "mlflow_run_id"]
         extra = {"features": features.directory, "features_reused": features.reused, "backbone": backbone}
-        return finish_sweep(state, rows, columns, probe_heatmap, started, extra)
+        return finish_sweep(
+            state, rows, columns, probe_heatmap, started, extra, stopped_on_purpose=bool(stop_after_trials)
+        )

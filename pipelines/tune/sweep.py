@@ -20,12 +20,14 @@ import csv
 import io
 import json
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli_common import Interrupted
 from pipelines.config import ConfigError
 from pipelines.console import note
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
@@ -115,6 +117,21 @@ def read_sweep(output: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def check_output(output: str, resume: bool) -> str:
+    """The sweep directory as a local absolute path: one holding a sweep to resume, or one holding
+    none for a new sweep (checked before Ray starts).
+
+    Raises:
+        ConfigError: a URI, a resume of a directory holding no sweep, a new sweep in one that holds one.
+    """
+    output = local_output(output)
+    if resume:
+        read_sweep(output)
+    elif (Path(output) / SWEEP_FILE).exists():
+        raise ConfigError(f"{output} already holds a sweep; continue it with --resume {output} or give a new --output")
+    return output
+
+
 def start_sweep(
     kind: str,
     output: str,
@@ -130,7 +147,7 @@ def start_sweep(
     Raises:
         ConfigError: a new sweep in a directory holding one, or a resume of another kind of sweep.
     """
-    output = local_output(output)
+    output = check_output(output, resume)
     path = Path(output)
     if resume:
         record = read_sweep(output)
@@ -149,8 +166,6 @@ def start_sweep(
         )
         note(f"tune {kind}: resuming the sweep in {output} ({len(state.points)} trials)")
         return state
-    if (path / SWEEP_FILE).exists():
-        raise ConfigError(f"{output} already holds a sweep; continue it with --resume {output} or give a new --output")
     path.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or default_tracking_uri()
     parent = Tracker(uri, tracking_enabled)
@@ -183,9 +198,12 @@ def _stop_after_trials(count: int) -> Any:
 
 @contextlib.contextmanager
 def parent_marked_failed_on_error(state: SweepState) -> Iterator[None]:
-    """A sweep that raises leaves its parent MLflow run FAILED, not RUNNING."""
+    """A sweep that raises leaves its parent MLflow run FAILED (KILLED when interrupted), not RUNNING."""
     try:
         yield
+    except KeyboardInterrupt:
+        state.parent_tracker().finish("KILLED")
+        raise
     except BaseException:
         state.parent_tracker().finish("FAILED")
         raise
@@ -268,11 +286,25 @@ def run_trials(
         )
         # Tune prints its own experiment banner to stdout: it goes to OUTPUT/tune.log, leaving
         # stderr to our progress and stdout to --json's line.
-        with open(state.path / TUNE_LOG, "a") as log, contextlib.redirect_stdout(log):
+        with open(state.path / TUNE_LOG, "a") as log, contextlib.redirect_stdout(log), _sigint_handler_kept():
             grid = tuner.fit()
         fresh = _outcomes(grid)
         outcomes.update({name: outcome for name, outcome in fresh.items() if outcome != (None, None)})
     return [(point, *outcomes.get(trial_name(point), (None, None))) for point in state.points]
+
+
+@contextlib.contextmanager
+def _sigint_handler_kept() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt again once Tune is done. While it runs, Tune's handler turns
+    the first Ctrl-C into an orderly stop (its trials' state saved, unfinished ones left pending);
+    after a run it was not used in, Tune leaves that handler installed, and a later Ctrl-C would
+    do nothing."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if handler is not None and signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
 
 
 def _error_line(error: BaseException) -> str:
@@ -323,8 +355,15 @@ def finish_sweep(
     plot: Callable[[Path, list[dict[str, Any]]], Path | None],
     started: float,
     extra: dict[str, Any] | None = None,
+    stopped_on_purpose: bool = False,
 ) -> dict[str, Any]:
-    """Write the table, the best trial, the plot and the summary; log them on the parent run."""
+    """Write the table, the best trial, the plot and the summary; log them on the parent run.
+
+    Raises:
+        Interrupted: trials are left pending, so Tune was stopped (Ctrl-C) rather than
+            ``stopped_on_purpose`` (``stop_after_trials``); raised once everything is written, saying
+            how to continue.
+    """
     output = state.path
     csv_path, md_path = write_table(output, rows, columns)
     best = best_row(rows)
@@ -361,6 +400,11 @@ def finish_sweep(
         if artifact is not None:
             parent.log_artifact(Path(artifact))
     parent.finish("KILLED" if counts["pending"] else "FINISHED")  # KILLED: interrupted, --resume continues it
+    if counts["pending"] and not stopped_on_purpose:
+        raise Interrupted(
+            f"interrupted with {counts['pending']} of {len(rows)} trials unfinished; the table so far is {md_path}; "
+            f"continue with moco tune {state.kind} --resume {state.output}"
+        )
     if best is not None:
         note(f"tune {state.kind}: best trial {best['trial']}: top-1 {best['top1']:.2f}%; table {md_path}")
     else:

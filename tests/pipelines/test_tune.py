@@ -1,18 +1,24 @@
 """moco tune: the probe grid on shared cached features, resume, and the pretraining sweeps
-(momentum with a diverging trial, mechanism x K), with the MLflow parent and nested runs."""
+(momentum with a diverging trial, mechanism x K), with the MLflow parent and nested runs; the loss
+check, an interrupted sweep, and what is refused before a sweep starts."""
 
 # ruff: noqa: F401, F811 -- the data fixtures of test_probe and test_pretrain, imported and used as arguments
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from pipelines.cli import main
+from pipelines.cli_common import Interrupted
+from pipelines.config import ConfigError
 from pipelines.evaluate.probe_config import load_probe_config
+from pipelines.tune.pretrain_sweep import loss_verdict
 from pipelines.tune.probe_sweep import run_probe_sweep
 from pipelines.tune.resume import resume_sweep
+from pipelines.tune.sweep import SweepState, finish_sweep
 from tests.pipelines.test_pretrain import TINY as PRETRAIN_TINY
 from tests.pipelines.test_pretrain import tiny_shards
 from tests.pipelines.test_probe import TINY as PROBE_TINY
@@ -159,3 +165,127 @@ def test_mechanism_sweep_runs_end_to_end_and_memory_bank_and_skips_a_batch_that_
     assert params["mechanism=memory_bank,k=16"]["model.queue_size"] == "16"
     assert params["mechanism=memory_bank,k=16"]["model.mechanism"] == "memory_bank"
     assert Path(summary["plot"]).name == "mechanism_k.png"
+
+
+# ------------------------------------------------------------------------------ without Ray
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        [0.215, 4.67, 5.20, 5.24],  # a 4-step momentum trial: low at first, rising as the queue fills
+        [0.5, 4.0, 3.95, 4.3],  # nearly monotone: one small dip
+    ],
+)
+def test_a_curved_rise_is_not_an_oscillation(losses):
+    verdict, why = loss_verdict(losses)
+    assert verdict == "ok", why
+
+
+@pytest.mark.parametrize(
+    "losses",
+    [
+        [6.0, 8.0, 6.0, 8.0, 6.0, 8.0, 6.0, 8.0],  # up and down, no progress (the paper's small m)
+        [5.0, 7.0, 5.5, 7.5, 6.0, 8.0, 6.5, 8.5],  # swinging about a rising trend
+    ],
+)
+def test_a_loss_swinging_up_and_down_oscillates(losses):
+    verdict, why = loss_verdict(losses)
+    assert verdict == "fail" and "oscillates" in why
+    assert loss_verdict(losses, tolerance=0.2)[0] == "ok"  # within a looser --oscillation-tolerance
+
+
+def _state(tmp_path):
+    return SweepState("probe", str(tmp_path), ({"optim.lr": 1.0}, {"optim.lr": 3.0}), {}, None, "", False, False, {})
+
+
+def test_a_sweep_left_with_pending_trials_writes_its_table_and_raises_interrupted(tmp_path):
+    rows = [{"trial": "lr=1", "status": "ok", "top1": 50.0}, {"trial": "lr=3", "status": "pending"}]
+    with pytest.raises(
+        Interrupted, match=f"1 of 2 trials unfinished.*moco tune probe --resume {re.escape(str(tmp_path))}$"
+    ):
+        finish_sweep(_state(tmp_path), rows, ["trial", "status", "top1"], lambda output, rows: None, 0.0)
+    assert "| lr=3 | pending |" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["statuses"] == {"ok": 1, "pending": 1}
+    # stop_after_trials (a test's stand-in for Ctrl-C) returns the summary instead
+    summary = finish_sweep(_state(tmp_path), rows, ["trial", "status"], lambda output, rows: None, 0.0, None, True)
+    assert summary["statuses"] == {"ok": 1, "pending": 1}
+
+
+@pytest.fixture
+def ray_never_started(monkeypatch):
+    """A command that starts Ray fails with 'Ray was started' instead."""
+
+    def refuse() -> bool:
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr("pipelines.ray_runtime.ensure_ray", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--probe-lrs=-3"], "--probe-lrs: lr=-3.0 is invalid: expected > 0"),
+        (["--probe-lrs", "-3,10"], "--probe-lrs: lr=-3.0 is invalid: expected > 0"),
+        (
+            ["--oscillation-tolerance=-1"],
+            "--oscillation-tolerance -1: expected a share of the loss's mean >= 0, e.g. 0.05",
+        ),
+        (
+            ["--probe-set", "optim.epochs=0"],
+            "the probe's config (--probe-recipe, --probe-set): optim.epochs=0 is invalid: expected >= 1",
+        ),
+    ],
+)
+def test_bad_probe_settings_of_a_pretraining_sweep_are_refused_before_ray_starts(
+    extra, message, ray_never_started, tiny_shards, tmp_path, capsys
+):
+    train, val = tiny_shards
+    argv = ["tune", "momentum", "--recipe", "demo", "--data", train, "--val-data", val, "--values", "0.9"]
+    assert main([*argv, "--output", str(tmp_path / "sweep"), *extra]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"moco: error: {message}"
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("sweep", ["momentum", "mechanism"])
+def test_a_pretraining_sweep_into_a_directory_holding_one_is_refused_before_ray_starts(
+    sweep, ray_never_started, tiny_shards, tmp_path, capsys
+):
+    train, val = tiny_shards
+    (tmp_path / "sweep.json").write_text(json.dumps({"kind": sweep}))
+    argv = ["tune", sweep, "--recipe", "demo", "--data", train, "--val-data", val, "--output", str(tmp_path)]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"moco: error: {tmp_path} already holds a sweep; continue it with --resume {tmp_path} or give a new --output"
+    )
+
+
+def test_negative_numbers_are_read_as_an_option_value(ray_never_started, colour_shards, tmp_path, capsys):
+    backbone, train, val = colour_shards
+    argv = ["tune", "probe", "--backbone", backbone, "--train", train, "--val", val, "--output", str(tmp_path)]
+    assert main([*argv, "--lrs", "-1,10", "--weight-decays", "0"]) == 1  # not argparse's 'expected one argument'
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "moco: error: probe space point {'optim.lr': -1.0, 'optim.weight_decay': 0.0}: "
+        "optim.lr=-1.0 is invalid: expected > 0"
+    )
+
+
+# ------------------------------------------------------------------------------ with Ray
+
+
+@pytest.mark.timeout(120)  # before the check, the sweep waited for ever for the GPU
+def test_trials_this_machine_cannot_take_are_refused_before_the_sweep_starts(
+    ray_cluster, colour_shards, tiny_shards, tmp_path, capsys, monkeypatch
+):
+    # The shared 2-CPU cluster stands for a local one the command started: nothing more will join.
+    monkeypatch.setattr("pipelines.ray_runtime.ensure_ray", lambda: True)
+    backbone, train, val = colour_shards
+    with pytest.raises(ConfigError, match="^--gpus-per-trial 1: a trial asks for 1 GPUs and this machine has 0;"):
+        run_probe_sweep(backbone, [train], [val], str(tmp_path / "probe"), _probe_config(tmp_path), gpus_per_trial=1)
+    pretrain_train, pretrain_val = tiny_shards
+    argv = ["tune", "momentum", "--recipe", "demo", "--data", pretrain_train, "--val-data", pretrain_val]
+    argv += ["--values", "0.9", "--gpus-per-worker", "1", "--output", str(tmp_path / "momentum")]
+    assert main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("moco: error: the trainer asks for 1 GPUs and this machine has 0;")
+    assert not (tmp_path / "probe").exists() and not (tmp_path / "momentum").exists()
