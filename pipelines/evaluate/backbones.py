@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
@@ -221,9 +222,9 @@ class _Location:
             data = self.read_bytes() if data is None else data
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 -- pickle, zip, EOF and unsafe-global errors all mean "not ours"
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise BackboneSourceError(
-                f"{self.name}: not readable with torch.load(weights_only=True) ({reason[:200]}); expected {_EXPECTED}"
+                f"{self.name}: not readable with torch.load(weights_only=True) ({_load_failure(error)}); "
+                f"expected {_EXPECTED}"
             ) from None
 
 
@@ -560,3 +561,19 @@ def check_fits(
     raise BackboneSourceError(
         f"{source}: the weights do not fit {arch}{origin} with the {stem} stem: {'; '.join(problems)}{hint}"
     )
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words: its first sentence, with the error's type."""
+    text = " ".join(str(error).split())
+    if "central directory" in text or isinstance(error, EOFError):
+        return "the file ends early: truncated or damaged"
+    unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return f"it holds {unsafe[1]} objects, which weights_only=True does not load"
+    if "Unsupported operand" in text or (
+        isinstance(error, (KeyError, pickle.UnpicklingError)) and "weights" not in text
+    ):
+        return "not a file torch.save writes"  # e.g. a text file: 'KeyError: 101', 'Unsupported operand 110'
+    first = text.split(". ")[0][:160] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

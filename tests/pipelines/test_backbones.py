@@ -330,8 +330,12 @@ def _one_line_error(source: Path) -> str:
 def test_wrong_sources_are_one_clear_line(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not weights\n")
-    assert "not readable with torch.load(weights_only=True)" in _one_line_error(text)
+    assert "not readable with torch.load(weights_only=True) (not a file torch.save writes)" in _one_line_error(text)
     assert "expected a MoCo run directory, checkpoint (model.pt), backbone.pt" in _one_line_error(text)
+    whole = tmp_path / "whole.pt"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, whole)
+    (tmp_path / "cut.pt").write_bytes(whole.read_bytes()[:4000])
+    assert "(the file ends early: truncated or damaged)" in _one_line_error(tmp_path / "cut.pt")
 
     torch.save({"alpha": torch.zeros(2), "beta": torch.ones(3), "gamma": torch.ones(1)}, tmp_path / "random.pt")
     message = _one_line_error(tmp_path / "random.pt")
