@@ -100,7 +100,15 @@ def _stop_on_sigterm_as_on_ctrl_c() -> None:
     marks its MLflow run KILLED. Ray's own handler, which ``ray.init`` installs, exits at once
     (the MLflow run stays RUNNING) and its C++ part prints a stack dump."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt_once)
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """The first SIGTERM raises KeyboardInterrupt; later ones are ignored while the command stops:
+    senders repeat it (GNU ``timeout`` signals the command, then its process group), and a
+    scheduler that will not wait follows with SIGKILL."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _keep_raylet_messages_in_logs() -> None:

@@ -408,9 +408,8 @@ def _finish_stopped_run(output: str, restore: IntactCheckpoint, summary: dict[st
 
 def _stop_interrupted(output: str, tracker: Tracker, relay: ConsoleRelay | None) -> NoReturn:
     """After Ctrl-C (or SIGTERM): mark the MLflow run KILLED, stop Ray, and raise :class:`Interrupted`
-    saying where the run stopped and how to continue it. A second Ctrl-C or SIGTERM meanwhile exits
-    at once."""
-    previous = {number: signal.signal(number, _exit_at_once) for number in (signal.SIGINT, signal.SIGTERM)}
+    saying where the run stopped and how to continue it. A second Ctrl-C meanwhile exits at once."""
+    previous = signal.signal(signal.SIGINT, _exit_at_once)
     try:
         step = 0
         if relay is not None:
@@ -422,8 +421,7 @@ def _stop_interrupted(output: str, tracker: Tracker, relay: ConsoleRelay | None)
         tracker.finish("KILLED")
         stop_ray()
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        signal.signal(signal.SIGINT, previous)
     newest = newest_recorded_checkpoint(output)
     if newest is None:
         raise Interrupted(
