@@ -39,6 +39,12 @@ def default_output_dir(name: str) -> str:
     return join(os.environ.get(STORAGE_ENV) or "outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def check_output_directory(output: str) -> None:
+    """Raise StorageError when the local path ``output``, a command's output directory, is a file."""
+    if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
+        raise StorageError(f"--output {output} is a file; give a directory")
+
+
 def absolute_uri(uri: str) -> str:
     """``uri`` with a local path made absolute (``~`` expanded), so it means the same from any
     working directory; a URI (``s3://...``) as it is."""

@@ -149,3 +149,11 @@ def test_the_trainer_trains_on_the_cpus_it_reserves_unless_told_otherwise():
     assert load_config("demo", ["scaling.cpus_per_worker=8", "training.torch_threads=3"]).trainer_threads == 3
     assert load_probe_config("lincls", ["scaling.cpus_per_worker=1.5"]).trainer_threads == 2  # the probe alike
     assert load_probe_config("lincls", ["scaling.cpus_per_worker=4", "training.torch_threads=1"]).trainer_threads == 1
+
+
+def test_a_recipe_that_is_not_valid_yaml_is_one_line_saying_where(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("model: {arch: resnet18\n  bad: [\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(recipe))
+    assert str(error.value) == f"{recipe} is not valid YAML: line 2, column 6: expected ',' or '}}', but got ':'"

@@ -246,3 +246,9 @@ def test_resume_takes_no_inputs_of_its_own_and_only_a_full_probe_resumes(tmp_pat
     assert "leave out --backbone, --mode (--set overrides apply)" in capsys.readouterr().err
     assert main(["probe", "--resume", str(tmp_path)]) == 1
     assert f"{tmp_path} holds a cached probe; only a full probe resumes" in capsys.readouterr().err
+    for command in ("probe", "knn"):
+        argv = [command, "--backbone", "b.pt", "--train", "t", "--val", "v", "--output", str(tmp_path / "config.yaml")]
+        assert main(argv) == 1
+        assert (
+            f"moco: error: --output {tmp_path / 'config.yaml'} is a file; give a directory" in capsys.readouterr().err
+        )
