@@ -39,10 +39,16 @@ def default_output_dir(name: str) -> str:
     return join(os.environ.get(STORAGE_ENV) or "outputs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def check_output_directory(output: str) -> None:
-    """Raise StorageError when the local path ``output``, a command's output directory, is a file."""
+def output_directory(output: str) -> str:
+    """A command's output directory as :func:`absolute_uri` gives it.
+
+    Raises:
+        StorageError: ``output`` is a local file.
+    """
+    output = absolute_uri(output)
     if "://" not in output and os.path.exists(output) and not os.path.isdir(output):
         raise StorageError(f"--output {output} is a file; give a directory")
+    return output
 
 
 def absolute_uri(uri: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from pipelines.console import note
 from pipelines.evaluate.backbones import Backbone, load_backbone
 from pipelines.evaluate.features import extract_cached_features
 from pipelines.evaluate.probe_config import ProbeConfig, resolve_view
-from pipelines.filesystems import check_output_directory, join
+from pipelines.filesystems import join, output_directory
 from pipelines.pretrain.run_files import read_json, write_json
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri
 
@@ -76,8 +75,7 @@ def run_knn(
     if k < 1 or temperature <= 0:
         raise ConfigError(f"--k {k} / --temperature {temperature}: expected k >= 1 and temperature > 0")
     started = time.time()
-    output = output if "://" in output else str(Path(output).resolve())
-    check_output_directory(output)
+    output = output_directory(output)
     if not force and read_json(output, SUMMARY) is not None:
         raise ConfigError(
             f"{output} holds a kNN result ({SUMMARY}); choose a new --output, or pass --force to replace it "

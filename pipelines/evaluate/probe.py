@@ -39,7 +39,7 @@ from pipelines.console import note
 from pipelines.evaluate.backbones import Backbone, load_backbone
 from pipelines.evaluate.features import extract_cached_features, label_mapping, plan_labelled
 from pipelines.evaluate.probe_config import MODES, ProbeConfig, ProbeView, probe_config_from_mapping, resolve_view
-from pipelines.filesystems import check_output_directory, join, resolve_filesystem
+from pipelines.filesystems import join, output_directory, resolve_filesystem
 from pipelines.pretrain.run_files import read_json, read_text, write_json, write_text
 from pipelines.pretrain.tracking import Tracker, default_tracking_uri, ui_command
 
@@ -117,8 +117,7 @@ def run_probe(
     if mode not in MODES:
         raise ConfigError(f"unknown probe mode {mode!r}; choose one of {', '.join(MODES)}")
     started = time.time()
-    output = output if "://" in output else str(Path(output).resolve())
-    check_output_directory(output)
+    output = output_directory(output)
     finished = read_json(output, SUMMARY)
     if resume and finished is not None and finished.get("epochs") == config.optim.epochs:
         note(

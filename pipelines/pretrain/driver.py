@@ -29,7 +29,7 @@ from moco_core.image_io import ImageLimits
 from pipelines.cli_common import Interrupted, UserError
 from pipelines.config import ConfigError, flatten
 from pipelines.console import note
-from pipelines.filesystems import absolute_uri, check_output_directory, join
+from pipelines.filesystems import absolute_uri, join, output_directory
 from pipelines.ingest.planning import plan_collection
 from pipelines.ingest.sources import check_decodable
 from pipelines.ingest.stream import build_view_dataset, plan_layout
@@ -147,10 +147,9 @@ def run_pretraining(
         Interrupted: Ctrl-C; the message says where the run stopped and how to continue it.
     """
     started = time.time()
-    output = absolute_uri(output)
+    output = output_directory(output)
     data = [absolute_uri(path) for path in data]  # recorded for --resume from any directory
     val_data = [absolute_uri(path) for path in val_data] if val_data else None
-    check_output_directory(output)
     if not resume and holds_run(output):
         raise ConfigError(
             f"{output} already holds a run with checkpoints; continue it with --resume {output} "
